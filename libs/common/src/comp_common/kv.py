@@ -1,0 +1,64 @@
+"""JetStream KV helpers: typed get/put with compare-and-set on revision."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel
+
+from faststream.nats import NatsBroker
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConflictError(RuntimeError):
+    """The key changed since it was read: re-read and retry, or give up."""
+
+
+async def open_bucket(broker: NatsBroker, bucket: str, history: int = 10) -> KeyValue:
+    # history keeps earlier versions for inspection; the desired state is the latest.
+    return await broker.key_value(bucket, history=history)
+
+
+async def get_model(kv: KeyValue, key: str, model: type[M]) -> tuple[M, int] | None:
+    """The value and its revision, or None where the key is absent or deleted."""
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    if entry.value is None or entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE")):
+        return None
+    return model.model_validate_json(entry.value), entry.revision
+
+
+async def put_model(kv: KeyValue, key: str, value: BaseModel, last_revision: int | None) -> int:
+    """Write ``value``; ``last_revision`` None means the key must not exist yet.
+
+    Raises :class:`ConflictError` when someone else wrote in between.
+    """
+    data = value.model_dump_json().encode()
+    try:
+        if last_revision is None:
+            return await kv.create(key, data)
+        return await kv.update(key, data, last=last_revision)
+    except KeyWrongLastSequenceError as exc:
+        raise ConflictError(f"{key} changed concurrently") from exc
+
+
+async def list_keys(kv: KeyValue) -> list[str]:
+    try:
+        return await kv.keys()
+    except NoKeysError:
+        return []
+
+
+async def list_models(kv: KeyValue, model: type[M]) -> dict[str, tuple[M, int]]:
+    """Every live key with its value and revision."""
+    out: dict[str, tuple[M, int]] = {}
+    for key in await list_keys(kv):
+        found = await get_model(kv, key, model)
+        if found is not None:
+            out[key] = found
+    return out

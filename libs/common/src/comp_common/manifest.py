@@ -1,0 +1,196 @@
+"""Manifest v1: what a user writes.
+
+The shape follows Kubernetes (``apiVersion``, ``kind``, ``metadata``, ``spec``) with
+Compose's short spellings (``env`` as a mapping, ``64Mi`` memory, published ports).
+Every model forbids unknown fields: a typo is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from .quantities import parse_cpu, parse_memory
+
+API_VERSION = "comp/v1"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_MANIFEST_BYTES = 1024 * 1024
+DEFAULT_CPU = 0.1
+DEFAULT_MEMORY = 128 * 1024**2
+
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+
+
+def _env_value(value: Any) -> str:
+    # Compose accepts numbers and booleans as environment values; keep that.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    raise ValueError(f"environment values must be strings or numbers, not {type(value).__name__}")
+
+
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Metadata(_Strict):
+    name: Name
+    namespace: Name = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Resources(_Strict):
+    """What one replica reserves on its node and is limited to."""
+
+    cpu: float = Field(default=DEFAULT_CPU, description="cores, e.g. 0.5 or '500m'")
+    memory: int = Field(default=DEFAULT_MEMORY, description="bytes, or a quantity like '64Mi'")
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, value: Any) -> float:
+        cores = parse_cpu(value)
+        if cores <= 0:
+            raise ValueError("cpu must be more than 0 cores")
+        return cores
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int:
+        n_bytes = parse_memory(value)
+        if n_bytes < 6 * 1024**2:
+            # Docker refuses limits under 6 MiB; say so here rather than at container start.
+            raise ValueError("memory must be at least 6Mi (the engine's minimum)")
+        return n_bytes
+
+
+class Port(_Strict):
+    """A container port published on the node: on ``host_port`` if given, else on a free one."""
+
+    container_port: int = Field(ge=1, le=65535)
+    host_port: int | None = Field(default=None, ge=1, le=65535)
+    protocol: Literal["tcp", "udp"] = "tcp"
+    name: Name | None = None
+
+
+class DeploymentSpec(_Strict):
+    replicas: int = Field(default=1, ge=0, le=100_000)
+    image: str = Field(min_length=1, max_length=512)
+    command: list[str] | None = None
+    args: list[str] | None = None
+    env: dict[str, EnvValue] = Field(default_factory=dict)
+    resources: Resources = Resources()
+    ports: list[Port] = Field(default_factory=list)
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if value.strip() != value or " " in value:
+            raise ValueError(f"image {value!r} must not contain spaces")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, ports: list[Port]) -> list[Port]:
+        seen: set[tuple[int, str]] = set()
+        for port in ports:
+            key = (port.container_port, port.protocol)
+            if key in seen:
+                raise ValueError(f"container port {port.container_port}/{port.protocol} is listed twice")
+            seen.add(key)
+        return ports
+
+    def task_hash(self) -> str:
+        """Identity of what a replica runs; replicas are replaced when it changes.
+
+        ``replicas`` is left out: scaling must not restart anything.
+        """
+        body = self.model_dump(mode="json", exclude={"replicas"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Deployment(_Strict):
+    api_version: Literal["comp/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Deployment"] = "Deployment"
+    metadata: Metadata
+    spec: DeploymentSpec
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}.{self.metadata.name}"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be accepted; ``errors`` lists each problem with its field path."""
+
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e['path']}: {e['message']}" if e["path"] else e["message"] for e in errors))
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field is missing"
+    msg = str(error["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def errors_from_validation(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[str, str]]:
+    return [
+        {"path": _path(prefix + tuple(e["loc"])), "message": _message(e)}  # type: ignore[arg-type]
+        for e in exc.errors()
+    ]
+
+
+def parse_deployments(text: str | bytes) -> list[Deployment]:
+    """Every Deployment in a YAML or JSON text (several YAML documents allowed).
+
+    Raises :class:`ManifestError` listing every problem; returns nothing partial.
+    """
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError([{"path": "", "message": f"manifest is larger than {MAX_MANIFEST_BYTES} bytes"}])
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError([{"path": "", "message": f"not valid YAML or JSON: {exc}"}]) from None
+    if not documents:
+        raise ManifestError([{"path": "", "message": "manifest is empty"}])
+    deployments: list[Deployment] = []
+    errors: list[dict[str, str]] = []
+    for index, document in enumerate(documents):
+        prefix: tuple[Any, ...] = (f"document[{index}]",) if len(documents) > 1 else ()
+        if not isinstance(document, dict):
+            errors.append({"path": _path(prefix), "message": "a manifest must be a mapping"})
+            continue
+        try:
+            deployments.append(Deployment.model_validate(document))
+        except ValidationError as exc:
+            errors.extend(errors_from_validation(exc, prefix))
+    if errors:
+        raise ManifestError(errors)
+    keys = [d.key for d in deployments]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ManifestError([{"path": "", "message": f"deployment {k} appears twice"} for k in duplicates])
+    return deployments

@@ -1,0 +1,105 @@
+"""Observed state in Redis: nodes, task status, deployment summaries.
+
+Everything here can be rebuilt from heartbeats and the event log, so Redis is never
+the only copy of something a user asked for.  The scheduler writes, the API reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from .messages import Capacity, Heartbeat, Message, NodeInfo, TaskStatus, node_state
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class NodeRecord(Message):
+    node_id: str
+    last_heartbeat: float
+    driver: str
+    address: str
+    capacity: Capacity
+    allocated: Capacity
+    labels: dict[str, str] = {}
+    tasks: int = 0
+
+    @classmethod
+    def from_heartbeat(cls, hb: Heartbeat, received_at: float) -> "NodeRecord":
+        return cls(
+            node_id=hb.node_id,
+            last_heartbeat=received_at,
+            driver=hb.driver,
+            address=hb.address,
+            capacity=hb.capacity,
+            allocated=hb.allocated,
+            labels=hb.labels,
+            tasks=len(hb.tasks),
+        )
+
+    def info(self, now: float, grace_seconds: float) -> NodeInfo:
+        return NodeInfo(state=node_state(self.last_heartbeat, now, grace_seconds), **self.model_dump())
+
+
+class DeploymentStatus(Message):
+    deployment: str
+    desired: int
+    placed: int
+    running: int
+    pending_reason: str = ""
+    updated_at: float
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+class ObservedStore:
+    def __init__(self, client: aioredis.Redis, cluster: str):
+        self.r = client
+        self._nodes = f"comp:{cluster}:nodes"
+        self._tasks = f"comp:{cluster}:tasks"
+        self._deployments = f"comp:{cluster}:deployments"
+
+    async def put_nodes(self, nodes: Iterable[NodeRecord]) -> None:
+        mapping = {n.node_id: n.model_dump_json() for n in nodes}
+        if mapping:
+            await self.r.hset(self._nodes, mapping=mapping)
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return _decode(await self.r.hgetall(self._nodes), NodeRecord)
+
+    async def put_tasks(self, statuses: Iterable[TaskStatus]) -> None:
+        mapping = {s.task_id: s.model_dump_json() for s in statuses}
+        if mapping:
+            await self.r.hset(self._tasks, mapping=mapping)
+
+    async def delete_tasks(self, task_ids: Iterable[str]) -> None:
+        ids = list(task_ids)
+        if ids:
+            await self.r.hdel(self._tasks, *ids)
+
+    async def list_tasks(self) -> list[TaskStatus]:
+        return _decode(await self.r.hgetall(self._tasks), TaskStatus)
+
+    async def put_deployment_statuses(self, statuses: Iterable[DeploymentStatus]) -> None:
+        mapping = {s.deployment: s.model_dump_json() for s in statuses}
+        if mapping:
+            await self.r.hset(self._deployments, mapping=mapping)
+
+    async def delete_deployment_statuses(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys:
+            await self.r.hdel(self._deployments, *keys)
+
+    async def list_deployment_statuses(self) -> dict[str, DeploymentStatus]:
+        return {s.deployment: s for s in _decode(await self.r.hgetall(self._deployments), DeploymentStatus)}
+
+
+def _decode(raw: dict, model: type[M]) -> list[M]:
+    return [model.model_validate_json(v) for _, v in sorted(raw.items())]

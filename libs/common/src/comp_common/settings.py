@@ -1,0 +1,60 @@
+"""Settings shared by every service.
+
+Every value comes from the environment with the ``COMP_`` prefix; nested groups use
+``__`` (``COMP_NATS__URL``, ``COMP_SCHEDULER__RESYNC_SECONDS``).  A service extends
+:class:`CommonSettings` with its own group rather than inventing a second mechanism.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NatsSettings(BaseModel):
+    url: str = "nats://127.0.0.1:4222"
+    connect_timeout: float = 5.0
+    # Larger bodies are refused before parsing; the server's own default limit is 1 MiB.
+    max_message_bytes: int = 1024 * 1024
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+class TelemetrySettings(BaseModel):
+    # OTLP/HTTP traces endpoint (Jaeger, Tempo, a collector), e.g. http://127.0.0.1:4318/v1/traces
+    otlp_endpoint: str | None = None
+    # Finished spans are appended here as JSON lines, one span a line; tests read them back.
+    span_file: Path | None = None
+
+
+class LogSettings(BaseModel):
+    level: str = "INFO"
+    json_format: bool = Field(default=True, alias="json")
+
+    model_config = {"populate_by_name": True}
+
+
+class NodeLivenessSettings(BaseModel):
+    heartbeat_seconds: float = 1.0
+    # A node whose last heartbeat is older than this is down.
+    grace_seconds: float = 3.0
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COMP_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    # Names this cluster on shared infrastructure (the Docker engine, Redis keys).
+    cluster: str = "local"
+    nats: NatsSettings = NatsSettings()
+    redis: RedisSettings = RedisSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    log: LogSettings = LogSettings()
+    liveness: NodeLivenessSettings = NodeLivenessSettings()

@@ -1,0 +1,51 @@
+"""Every NATS subject and JetStream name COMP uses, in one place.
+
+Subjects are built from tokens that the manifest validation already restricts to
+DNS labels, so no token can contain ``.``, ``*`` or ``>``.
+
+``comp.evt.>`` is the event log: everything published there is kept by the
+``COMP_EVENTS`` stream.  Heartbeats and nudges are control traffic and are not kept.
+"""
+
+from __future__ import annotations
+
+EVENTS_STREAM = "COMP_EVENTS"
+EVENT_SUBJECTS = "comp.evt.>"
+
+DEPLOYMENTS_BUCKET = "comp-deployments"
+ASSIGNMENTS_BUCKET = "comp-assignments"
+
+# Deployment applied or deleted (published by api, consumed by scheduler).
+DEPLOYMENT_EVENTS = "comp.evt.deployment.>"
+# Task state changes (published by nodeagent, consumed by scheduler).
+TASK_EVENTS = "comp.evt.task.*"
+# One placement round's decisions (published by scheduler).
+PLACEMENT_EVENTS = "comp.evt.placement.>"
+# Node heartbeats (nodeagent -> scheduler), not kept in the event log.
+NODE_HEARTBEATS = "comp.node.*.heartbeat"
+
+
+def deployment_event(namespace: str, name: str) -> str:
+    return f"comp.evt.deployment.{namespace}.{name}"
+
+
+def task_event(node_id: str) -> str:
+    return f"comp.evt.task.{node_id}"
+
+
+def placement_event(namespace: str, name: str) -> str:
+    return f"comp.evt.placement.{namespace}.{name}"
+
+
+def node_heartbeat(node_id: str) -> str:
+    return f"comp.node.{node_id}.heartbeat"
+
+
+def node_nudge(node_id: str) -> str:
+    """The scheduler's hint that this node's assignments changed."""
+    return f"comp.node.{node_id}.nudge"
+
+
+def deployment_key(namespace: str, name: str) -> str:
+    """KV key of a deployment; also the deployment's id in every message."""
+    return f"{namespace}.{name}"
