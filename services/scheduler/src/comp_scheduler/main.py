@@ -1,0 +1,44 @@
+"""Composition root: settings, logging, tracing, broker, store, routers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from faststream import FastStream
+
+from comp_common.broker import ensure_event_stream, make_broker
+from comp_common.logs import configure_logging
+from comp_common.observed import ObservedStore, connect
+from comp_common.telemetry import setup_tracing
+
+from .handlers import build_router
+from .service import Scheduler
+from .settings import SchedulerSettings
+
+
+def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
+    configure_logging("scheduler", settings.log)
+    provider = setup_tracing("scheduler", settings.telemetry)
+    broker = make_broker(settings.nats, "scheduler", provider)
+    store = ObservedStore(connect(settings.redis.url), settings.cluster)
+    scheduler = Scheduler(settings, broker, store)
+    broker.include_router(build_router(scheduler))
+    app = FastStream(broker)
+
+    @app.on_startup
+    async def starting() -> None:
+        # Load state before the subscribers start delivering, so no event finds it empty.
+        await broker.connect()
+        await ensure_event_stream(broker)
+        await scheduler.start()
+
+    @app.on_shutdown
+    async def stopping() -> None:
+        await scheduler.stop()
+
+    return app, scheduler
+
+
+def run() -> None:
+    app, _ = build_app(SchedulerSettings())
+    asyncio.run(app.run())

@@ -1,0 +1,103 @@
+"""The scheduler's view of the world: immutable values that ``reconcile`` reads.
+
+Built fresh for every round from the service's state, so the pure core can never
+mutate what the service holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Mapping
+
+from comp_common.manifest import DeploymentSpec
+from comp_common.messages import TaskState
+
+
+class NodeStatus(StrEnum):
+    READY = "ready"
+    # Known from assignments but not heard from yet since the scheduler started: nothing
+    # new goes there, and its tasks are not declared lost until the grace has passed.
+    UNKNOWN = "unknown"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    node_id: str
+    status: NodeStatus
+    cpu: float
+    memory: int
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: str
+    deployment: str
+    node_id: str
+    spec_hash: str
+    cpu: float
+    memory: int
+    host_ports: frozenset[tuple[int, str]] = frozenset()
+    created_at: float = 0.0
+    state: TaskState = TaskState.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """A deployment as the user last applied it."""
+
+    key: str
+    name: str
+    spec: DeploymentSpec
+    spec_hash: str
+    generation: int = 1
+
+    @property
+    def host_ports(self) -> frozenset[tuple[int, str]]:
+        return frozenset((p.host_port, p.protocol) for p in self.spec.ports if p.host_port)
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    nodes: Mapping[str, Node]
+    tasks: Mapping[str, Task]  # every assigned task, by id
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    task_id: str
+    deployment: str
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    task_id: str
+    deployment: str
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    deployment: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    places: tuple[Place, ...] = ()
+    stops: tuple[Stop, ...] = ()
+    pending: tuple[Pending, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.places or self.stops)
+
+    def nodes_touched(self) -> set[str]:
+        return {p.node_id for p in self.places} | {s.node_id for s in self.stops}
