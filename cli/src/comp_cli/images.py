@@ -59,8 +59,7 @@ def import_busybox(tag: str = DEFAULT_BUSYBOX_TAG, client: docker.DockerClient |
     client = client or docker.from_env()
     repository, _, version = tag.rpartition(":") if ":" in tag.split("/")[-1] else (tag, "", "latest")
     data = busybox_rootfs_tar(find_static_busybox())
-    response = client.api.import_image_from_data(
-        data, repository=repository, tag=version or "latest", changes=['ENV PATH=/bin', 'CMD ["sh"]']
+    client.api.import_image_from_data(
+        data, repository=repository, tag=version or "latest", changes=["ENV PATH=/bin", 'CMD ["sh"]']
     )
-    image = client.images.get(tag)
-    return image.id if response is not None else image.id
+    return client.images.get(tag).id

@@ -1,0 +1,239 @@
+"""The ``comp`` command: a client of the API, plus ``up``/``down`` for a local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from comp_common.quantities import format_memory
+
+from .images import DEFAULT_BUSYBOX_TAG, ImageError, import_busybox
+from .local import ClusterConfig, ClusterError, LocalCluster
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("COMP_STATE_DIR", Path.home() / ".comp"))
+
+
+class Client:
+    def __init__(self, base_url: str):
+        self.base_url = base_url.rstrip("/")
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return httpx.request(method, f"{self.base_url}{path}", timeout=30, **kwargs)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"cannot reach the COMP API at {self.base_url}: {exc} (is the cluster up? `comp up`)")
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise click.ClickException(describe_error(response))
+        return response.json()
+
+
+def describe_error(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text.strip()}"
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        lines = [f"  {e.get('path') or '(manifest)'}: {e.get('message')}" for e in body["errors"]]
+        return f"manifest rejected (HTTP {response.status_code}):\n" + "\n".join(lines)
+    detail = body.get("detail") if isinstance(body, dict) else body
+    return f"HTTP {response.status_code}: {detail}"
+
+
+def api_url(state_dir: Path, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    try:
+        return ClusterConfig.load(state_dir).api_url
+    except ClusterError:
+        return "http://127.0.0.1:8470"
+
+
+@click.group()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=default_state_dir, show_default="~/.comp or $COMP_STATE_DIR",
+              help="Where `comp up` keeps its config, logs, pids and data.")
+@click.option("--api", "api", envvar="COMP_API_URL", help="API base URL (default: the local cluster's).")
+@click.pass_context
+def cli(ctx: click.Context, state_dir: Path, api: str | None) -> None:
+    """COMP: run containers on a cluster of hosts."""
+    ctx.obj = {"state_dir": state_dir, "api": api}
+
+
+def client(ctx: click.Context) -> Client:
+    return Client(api_url(ctx.obj["state_dir"], ctx.obj["api"]))
+
+
+# ---- local cluster -------------------------------------------------------------------------
+@cli.command()
+@click.option("--nodes", default=1, show_default=True, help="Node agents to run on this machine.")
+@click.option("--cluster", default="local", show_default=True, help="Cluster name (labels its containers).")
+@click.option("--nats-port", default=14222, show_default=True)
+@click.option("--redis-port", default=16379, show_default=True)
+@click.option("--api-port", default=8470, show_default=True)
+@click.pass_context
+def up(ctx: click.Context, nodes: int, cluster: str, nats_port: int, redis_port: int, api_port: int) -> None:
+    """Start a local cluster: nats-server, redis-server, api, scheduler and node agents."""
+    state_dir: Path = ctx.obj["state_dir"]
+    local = LocalCluster(ClusterConfig(state_dir, cluster, nats_port, redis_port, api_port, nodes,
+                                       span_file=state_dir / "spans.jsonl"))
+    if any(pid for pid in local.running().values()):
+        raise click.ClickException(f"a cluster is already running from {state_dir} (`comp status`, `comp down`)")
+    try:
+        local.start()
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"cluster {cluster!r} is up: API {local.config.api_url}, {nodes} node(s); state in {state_dir}")
+
+
+@cli.command()
+@click.option("--keep-workloads", is_flag=True, help="Leave the cluster's containers running.")
+@click.pass_context
+def down(ctx: click.Context, keep_workloads: bool) -> None:
+    """Stop the local cluster (and, unless told otherwise, its containers)."""
+    try:
+        config = ClusterConfig.load(ctx.obj["state_dir"])
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    LocalCluster(config).stop(purge_workloads=not keep_workloads)
+    click.echo(f"cluster {config.cluster!r} is down")
+
+
+@cli.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show the local cluster's processes and whether the API answers."""
+    try:
+        config = ClusterConfig.load(ctx.obj["state_dir"])
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    rows = [[name, str(pid) if pid else "-", "running" if pid else "stopped"] for name, pid in LocalCluster(config).running().items()]
+    click.echo(table(["PROCESS", "PID", "STATE"], rows))
+    try:
+        healthy = httpx.get(f"{config.api_url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    click.echo(f"API {config.api_url}: {'healthy' if healthy else 'not answering'}")
+
+
+# ---- workloads -----------------------------------------------------------------------------
+@cli.command()
+@click.option("-f", "--filename", "filename", required=True, type=click.File("rb"), help="Manifest file (YAML or JSON), or - for stdin.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def apply(ctx: click.Context, filename, output: str) -> None:
+    """Create or update the deployments in a manifest."""
+    body = client(ctx).json("POST", "/v1/apply", content=filename.read(), headers={"content-type": "application/yaml"})
+    if output == "json":
+        click.echo(json.dumps(body, indent=2))
+        return
+    for result in body.get("results", []):
+        click.echo(f"deployment {result['namespace']}/{result['name']} {result['action']}")
+    click.echo(f"operation {body.get('operation_id')}")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["deployment", "deployments", "deploy"]))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def delete(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
+    """Delete a deployment; its tasks are stopped."""
+    body = client(ctx).json("DELETE", f"/v1/deployments/{namespace}/{name}")
+    click.echo(f"deployment {namespace}/{name} deleted")
+    if body.get("operation_id"):
+        click.echo(f"operation {body['operation_id']}")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["deployments", "deployment", "deploy", "tasks", "task", "nodes", "node"]))
+@click.option("-n", "--namespace", default=None, help="Only this namespace.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def get(ctx: click.Context, kind: str, namespace: str | None, output: str) -> None:
+    """List deployments, tasks or nodes."""
+    c = client(ctx)
+    if kind.startswith("deploy"):
+        items = c.json("GET", "/v1/deployments", params={"namespace": namespace} if namespace else None)
+        render = deployments_table
+    elif kind.startswith("task"):
+        items = c.json("GET", "/v1/tasks")
+        if namespace:
+            items = [t for t in items if t["deployment"].split(".", 1)[0] == namespace]
+        render = tasks_table
+    else:
+        items = c.json("GET", "/v1/nodes")
+        render = nodes_table
+    click.echo(json.dumps(items, indent=2) if output == "json" else render(items))
+
+
+def deployments_table(items: list[dict]) -> str:
+    rows = []
+    for d in items:
+        manifest = d.get("deployment") or d.get("manifest") or {}
+        meta, spec = manifest.get("metadata", {}), manifest.get("spec", {})
+        st = d.get("status") or {}
+        rows.append([
+            meta.get("namespace", d.get("namespace", "")), meta.get("name", d.get("name", "")),
+            f"{st.get('running', 0)}/{spec.get('replicas', st.get('desired', 0))}", str(st.get("placed", 0)),
+            spec.get("image", ""), str(d.get("generation", "")), st.get("pending_reason", ""),
+        ])
+    return table(["NAMESPACE", "NAME", "RUNNING", "PLACED", "IMAGE", "GEN", "PENDING"], rows)
+
+
+def tasks_table(items: list[dict]) -> str:
+    rows = []
+    for t in sorted(items, key=lambda t: (t["deployment"], t["task_id"])):
+        ports = ",".join(f"{hp}->{cp}" for cp, hp in sorted(t.get("host_ports", {}).items()))
+        rows.append([t["task_id"], t["deployment"].replace(".", "/", 1), t["node_id"], t["state"], str(t.get("restarts", 0)),
+                     ports, t.get("message", "")])
+    return table(["TASK", "DEPLOYMENT", "NODE", "STATE", "RESTARTS", "PORTS", "MESSAGE"], rows)
+
+
+def nodes_table(items: list[dict]) -> str:
+    rows = []
+    now = time.time()
+    for n in items:
+        cap, alloc = n["capacity"], n["allocated"]
+        rows.append([n["node_id"], n["state"], n.get("driver", ""), str(n.get("tasks", 0)),
+                     f"{alloc['cpu']:.2f}/{cap['cpu']:.2f}", f"{format_memory(alloc['memory'])}/{format_memory(cap['memory'])}",
+                     f"{max(0.0, now - n['last_heartbeat']):.1f}s ago"])
+    return table(["NODE", "STATE", "DRIVER", "TASKS", "CPU", "MEMORY", "HEARTBEAT"], rows)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ---- images --------------------------------------------------------------------------------
+@cli.group()
+def image() -> None:
+    """Local images for machines without a registry."""
+
+
+@image.command("import-busybox")
+@click.argument("tag", default=DEFAULT_BUSYBOX_TAG)
+def import_busybox_cmd(tag: str) -> None:
+    """Build TAG from this host's static busybox (sh, httpd, sleep, nc, ...)."""
+    try:
+        image_id = import_busybox(tag)
+    except ImageError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"{tag} {image_id[:19]}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
