@@ -31,6 +31,9 @@ def _env_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float, str)):
         return str(value)
+    if value is None:
+        # `FOO:` in YAML is null, not an empty string; say how to write the empty string.
+        raise ValueError("environment value is empty (null); write '' for an empty string")
     raise ValueError(f"environment values must be strings or numbers, not {type(value).__name__}")
 
 
@@ -92,7 +95,7 @@ class DeploymentSpec(_Strict):
     @field_validator("image")
     @classmethod
     def _image(cls, value: str) -> str:
-        if value.strip() != value or " " in value:
+        if any(char.isspace() for char in value):
             raise ValueError(f"image {value!r} must not contain spaces")
         return value
 
@@ -152,6 +155,12 @@ def _message(error: dict[str, Any]) -> str:
         return "unknown field"
     if error["type"] == "missing":
         return "required field is missing"
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == DNS_LABEL:
+        # pydantic would show the regular expression; say what it means instead.
+        return (
+            f"{error['input']!r} is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
     msg = str(error["msg"])
     return msg.removeprefix("Value error, ")
 
@@ -163,22 +172,79 @@ def errors_from_validation(exc: ValidationError, prefix: tuple[Any, ...] = ()) -
     ]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping.
+
+    YAML parsers keep the last value silently, which would drop what the user wrote first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateJsonKey(ValueError):
+    pass
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateJsonKey(f"found duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"{exc.problem}{where}"
+    return str(exc)
+
+
+def _load_documents(text: str | bytes) -> list[tuple[int, Any]]:
+    """The non-empty documents of a YAML or JSON text, each with its position in the text."""
+    try:
+        # JSON first: YAML refuses tabs, which pretty-printed JSON may be indented with.
+        document = json.loads(text, object_pairs_hook=_unique_json_object)
+        return [] if document is None else [(0, document)]
+    except _DuplicateJsonKey as exc:
+        raise ManifestError([{"path": "", "message": f"not valid JSON: {exc}"}]) from None
+    except ValueError:
+        pass
+    try:
+        documents = list(yaml.load_all(text, Loader=_UniqueKeyLoader))
+    except yaml.YAMLError as exc:
+        raise ManifestError([{"path": "", "message": f"not valid YAML or JSON: {_yaml_problem(exc)}"}]) from None
+    return [(index, document) for index, document in enumerate(documents) if document is not None]
+
+
 def parse_deployments(text: str | bytes) -> list[Deployment]:
     """Every Deployment in a YAML or JSON text (several YAML documents allowed).
 
     Raises :class:`ManifestError` listing every problem; returns nothing partial.
+    Errors in a text of several documents are prefixed with ``document[i]``, ``i``
+    counting every document in the text, empty ones included.
     """
-    if len(text) > MAX_MANIFEST_BYTES:
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > MAX_MANIFEST_BYTES:
         raise ManifestError([{"path": "", "message": f"manifest is larger than {MAX_MANIFEST_BYTES} bytes"}])
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ManifestError([{"path": "", "message": f"not valid YAML or JSON: {exc}"}]) from None
+    documents = _load_documents(text)
     if not documents:
         raise ManifestError([{"path": "", "message": "manifest is empty"}])
     deployments: list[Deployment] = []
     errors: list[dict[str, str]] = []
-    for index, document in enumerate(documents):
+    for index, document in documents:
         prefix: tuple[Any, ...] = (f"document[{index}]",) if len(documents) > 1 else ()
         if not isinstance(document, dict):
             errors.append({"path": _path(prefix), "message": "a manifest must be a mapping"})

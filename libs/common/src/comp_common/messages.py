@@ -31,7 +31,7 @@ class DeploymentRecord(Message):
     """A deployment as stored in the deployments bucket."""
 
     deployment: Deployment
-    generation: int = 1  # bumped on every change of the spec
+    generation: int = 1  # bumped when what a replica runs changes (spec.task_hash(); not on replicas or labels)
     created_at: float
     updated_at: float
 

@@ -1,0 +1,228 @@
+"""The REST API: apply, read and delete deployments; read tasks and nodes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from comp_common import subjects
+from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, parse_deployments
+from comp_common.messages import DeploymentEvent, NodeInfo, TaskStatus
+from comp_common.telemetry import current_trace_id
+
+from .backends import NATS, REDIS, Backends, DependencyUnavailable
+from .schemas import (
+    ApplyResponse,
+    DeleteResponse,
+    DeploymentState,
+    DeploymentView,
+    ErrorResponse,
+    HealthResponse,
+    ManifestErrorResponse,
+)
+
+log = logging.getLogger("api.routes")
+
+router = APIRouter()
+
+
+def get_backends(request: Request) -> Backends:
+    return request.app.state.backends
+
+
+BackendsDep = Annotated[Backends, Depends(get_backends)]
+NamePath = Annotated[str, Path(pattern=DNS_LABEL, max_length=63)]
+
+_UNAVAILABLE = {503: {"model": ErrorResponse, "description": "NATS or Redis is unavailable (named in detail)"}}
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such deployment"}}
+
+
+# ---- OpenAPI for the raw manifest body ----------------------------------------------
+
+_SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def manifest_schemas() -> dict[str, Any]:
+    """The Deployment schema and the ones it refers to, for the OpenAPI components."""
+    schema = Deployment.model_json_schema(by_alias=True, ref_template=_SCHEMA_REF)
+    definitions = schema.pop("$defs", {})
+    return {"Deployment": schema, **definitions}
+
+
+_MANIFEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "One or more Deployment manifests in YAML (documents separated by `---`) or JSON, "
+            "read raw whatever the Content-Type. Every document is validated before any is stored."
+        ),
+        "content": {
+            media_type: {"schema": {"$ref": _SCHEMA_REF.format(model="Deployment")}}
+            for media_type in ("application/yaml", "application/json")
+        },
+    }
+}
+
+
+# ---- routes -------------------------------------------------------------------------
+
+
+@router.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def healthz(backends: BackendsDep) -> JSONResponse:
+    connected = backends.nats_connected()
+    body = HealthResponse(status="ok" if connected else "unavailable", nats="connected" if connected else "disconnected")
+    return JSONResponse(body.model_dump(), status_code=200 if connected else 503)
+
+
+@router.post(
+    "/v1/apply",
+    response_model=ApplyResponse,
+    openapi_extra=_MANIFEST_BODY,
+    responses={
+        409: {"model": ErrorResponse, "description": "the deployment kept changing concurrently"},
+        413: {"model": ErrorResponse, "description": "the body is larger than max_body_bytes"},
+        422: {"model": ManifestErrorResponse, "description": "the manifest is invalid; nothing was stored"},
+        **_UNAVAILABLE,
+    },
+)
+async def apply(request: Request, backends: BackendsDep) -> Any:
+    body = await _read_body(request, backends.settings.api.max_body_bytes)
+    try:
+        deployments = parse_deployments(body)
+    except ManifestError as exc:
+        return JSONResponse(ManifestErrorResponse(errors=exc.errors).model_dump(), status_code=422)
+    store = backends.deployments()
+    results = []
+    for deployment in deployments:
+        async with backends.calling(NATS):
+            result = await store.apply(deployment)
+        results.append(result)
+        if result.action != "unchanged":
+            event = DeploymentEvent(
+                action="applied",
+                namespace=result.namespace,
+                name=result.name,
+                revision=result.revision,
+                generation=result.generation,
+            )
+            await _announce(backends, event)
+    return ApplyResponse(operation_id=current_trace_id() or "", results=results)
+
+
+@router.get("/v1/deployments", response_model=list[DeploymentView], responses=_UNAVAILABLE)
+async def list_deployments(backends: BackendsDep, namespace: str | None = None) -> list[DeploymentView]:
+    store = backends.deployments()
+    async with backends.calling(NATS):
+        stored = await store.list(namespace)
+    states = await _deployment_states(backends)
+    return [DeploymentView.of(s, _state_of(states, s.deployment.key)) for s in stored]
+
+
+@router.get(
+    "/v1/deployments/{namespace}/{name}", response_model=DeploymentView, responses={**_NOT_FOUND, **_UNAVAILABLE}
+)
+async def get_deployment(namespace: NamePath, name: NamePath, backends: BackendsDep) -> DeploymentView:
+    store = backends.deployments()
+    async with backends.calling(NATS):
+        stored = await store.get(namespace, name)
+    if stored is None:
+        raise _not_found(namespace, name)
+    states = await _deployment_states(backends)
+    return DeploymentView.of(stored, _state_of(states, stored.deployment.key))
+
+
+@router.delete(
+    "/v1/deployments/{namespace}/{name}", response_model=DeleteResponse, responses={**_NOT_FOUND, **_UNAVAILABLE}
+)
+async def delete_deployment(namespace: NamePath, name: NamePath, backends: BackendsDep) -> DeleteResponse:
+    store = backends.deployments()
+    async with backends.calling(NATS):
+        deleted = await store.delete(namespace, name)
+    if deleted is None:
+        raise _not_found(namespace, name)
+    # The revision the deployment had when it was deleted.
+    event = DeploymentEvent(
+        action="deleted", namespace=namespace, name=name, revision=deleted.revision, generation=deleted.record.generation
+    )
+    await _announce(backends, event)
+    return DeleteResponse(operation_id=current_trace_id() or "", namespace=namespace, name=name)
+
+
+@router.get("/v1/tasks", response_model=list[TaskStatus], responses=_UNAVAILABLE)
+async def list_tasks(
+    backends: BackendsDep,
+    deployment: Annotated[str | None, Query(description="only this deployment, as namespace.name")] = None,
+    node: Annotated[str | None, Query(description="only tasks on this node")] = None,
+) -> list[TaskStatus]:
+    async with backends.calling(REDIS):
+        tasks = await backends.observed.list_tasks()
+    return [t for t in tasks if (deployment is None or t.deployment == deployment) and (node is None or t.node_id == node)]
+
+
+@router.get("/v1/nodes", response_model=list[NodeInfo], responses=_UNAVAILABLE)
+async def list_nodes(backends: BackendsDep) -> list[NodeInfo]:
+    async with backends.calling(REDIS):
+        nodes = await backends.observed.list_nodes()
+    now = time.time()
+    return [n.info(now, backends.settings.liveness.grace_seconds) for n in nodes]
+
+
+# ---- helpers ------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit``."""
+    too_large = HTTPException(
+        413, f"request body is larger than {limit} bytes (the api's limit, COMP_API__MAX_BODY_BYTES)"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def _announce(backends: Backends, event: DeploymentEvent) -> None:
+    try:
+        await backends.publish(event, subjects.deployment_event(event.namespace, event.name))
+    except DependencyUnavailable as exc:
+        # The change is stored, which is what the answer reports; the scheduler's
+        # periodic resync reads the bucket and picks it up without the event.
+        log.error("deployment %s.%s %s but its event was not published: %s", event.namespace, event.name, event.action, exc)
+
+
+async def _deployment_states(backends: Backends) -> dict[str, DeploymentState] | None:
+    """Observed state of every deployment, or None when Redis cannot be read.
+
+    Desired state is still worth showing while Redis is down, so this degrades
+    instead of failing the request.
+    """
+    try:
+        async with backends.calling(REDIS):
+            statuses = await backends.observed.list_deployment_statuses()
+    except DependencyUnavailable as exc:
+        log.warning("showing deployments without status: %s", exc)
+        return None
+    return {
+        key: DeploymentState(desired=s.desired, placed=s.placed, running=s.running, pending_reason=s.pending_reason)
+        for key, s in statuses.items()
+    }
+
+
+def _state_of(states: dict[str, DeploymentState] | None, key: str) -> DeploymentState | None:
+    if states is None:
+        return None
+    # Absent: the scheduler has not reported on it yet.
+    return states.get(key, DeploymentState())
+
+
+def _not_found(namespace: str, name: str) -> HTTPException:
+    return HTTPException(404, f"deployment {name!r} not found in namespace {namespace!r}")
