@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 SERVICES = ("api", "scheduler")
+NATS_MAX_PAYLOAD = 1024 * 1024
 
 
 class ClusterError(RuntimeError):
@@ -155,10 +156,15 @@ class LocalCluster:
         c = self.config
         data = c.state_dir / "nats"
         data.mkdir(parents=True, exist_ok=True)
-        proc = self._spawn(
-            "nats",
-            [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(c.nats_port), "-js", "-sd", str(data), "--max_payload", "1MB"],
+        conf = c.state_dir / "nats.conf"
+        # max_payload bounds every message a service can be sent: an oversized one is
+        # refused at the publisher, never delivered.
+        conf.write_text(
+            f'listen: "127.0.0.1:{c.nats_port}"\n'
+            f"max_payload: {NATS_MAX_PAYLOAD}\n"
+            f'jetstream {{ store_dir: "{data}" }}\n'
         )
+        proc = self._spawn("nats", [_bin("nats-server"), "-c", str(conf)])
         wait_for_port(c.nats_port, 15, "nats-server", proc, self.logs / "nats.log")
 
     def start_redis(self) -> None:

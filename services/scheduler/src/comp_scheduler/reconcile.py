@@ -40,18 +40,21 @@ def reconcile(
 ) -> Plan:
     stops: list[Stop] = []
     kept: dict[str, list[Task]] = defaultdict(list)
+    # Tasks on down nodes may well still be running: each is given up only once a
+    # replacement is placed, so losing touch with a node never lowers availability.
+    lost: dict[str, list[Task]] = defaultdict(list)
 
     for task in sorted(observed.tasks.values(), key=lambda t: t.task_id):
         want = desired.get(task.deployment)
         node = observed.nodes.get(task.node_id)
         if want is None:
             stops.append(Stop(task.task_id, task.deployment, task.node_id, "deployment deleted"))
-        elif node is None or node.status is NodeStatus.DOWN:
-            stops.append(Stop(task.task_id, task.deployment, task.node_id, f"node {task.node_id} is down; replacing"))
         elif task.spec_hash != want.spec_hash:
             stops.append(
                 Stop(task.task_id, task.deployment, task.node_id, f"spec changed (generation {want.generation}); replacing")
             )
+        elif node is None or node.status is NodeStatus.DOWN:
+            lost[task.deployment].append(task)
         else:
             kept[task.deployment].append(task)
 
@@ -76,13 +79,25 @@ def reconcile(
     for key in sorted(desired):
         want = desired[key]
         missing = want.spec.replicas - len(kept.get(key, []))
+        orphans = lost.get(key, [])
+        # Lost tasks beyond what is missing are surplus whatever happens.
+        for task in orphans[max(missing, 0):]:
+            stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is down; not needed"))
+        orphans = orphans[: max(missing, 0)]
         request = Request(key, want.spec.resources.cpu, want.spec.resources.memory, want.host_ports)
-        for placed in range(missing):
+        for placed in range(max(missing, 0)):
             decision = placer.place(request)
             if decision.node_id is None:
-                pending.append(Pending(key, missing - placed, decision.reason))
+                reason = decision.reason
+                if orphans:
+                    reason += f"; keeping {len(orphans)} task(s) on down nodes until they can be replaced"
+                pending.append(Pending(key, missing - placed, reason))
                 break
-            places.append(Place(new_task_id(want.name, rng), key, decision.node_id, decision.reason))
+            task_id = new_task_id(want.name, rng)
+            if orphans:
+                orphan = orphans.pop(0)
+                stops.append(Stop(orphan.task_id, key, orphan.node_id, f"node {orphan.node_id} is down; replaced by {task_id}"))
+            places.append(Place(task_id, key, decision.node_id, decision.reason))
 
     return Plan(places=tuple(places), stops=tuple(stops), pending=tuple(pending))
 
