@@ -280,6 +280,15 @@ class LocalCluster:
                 self.kill(name)
 
 
+    def purge_data(self) -> None:
+        for path in ("nats", "redis", "logs", "pids", "spans.jsonl", "nats.conf", "cluster.json"):
+            target = self.config.state_dir / path
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+
+
 def _alive(pid: int, proc: subprocess.Popen | None) -> bool:
     if proc is not None:
         return proc.poll() is None

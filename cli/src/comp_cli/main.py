@@ -98,15 +98,22 @@ def up(ctx: click.Context, nodes: int, cluster: str, nats_port: int, redis_port:
 
 @cli.command()
 @click.option("--keep-workloads", is_flag=True, help="Leave the cluster's containers running.")
+@click.option("--purge", is_flag=True, help="Also delete the desired state (NATS data), logs and spans.")
 @click.pass_context
-def down(ctx: click.Context, keep_workloads: bool) -> None:
-    """Stop the local cluster (and, unless told otherwise, its containers)."""
+def down(ctx: click.Context, keep_workloads: bool, purge: bool) -> None:
+    """Stop the local cluster (and, unless told otherwise, its containers).
+
+    Desired state survives in the state dir: the next `comp up` runs the same deployments.
+    """
     try:
         config = ClusterConfig.load(ctx.obj["state_dir"])
     except ClusterError as exc:
         raise click.ClickException(str(exc))
-    LocalCluster(config).stop(purge_workloads=not keep_workloads)
-    click.echo(f"cluster {config.cluster!r} is down")
+    local = LocalCluster(config)
+    local.stop(purge_workloads=not keep_workloads)
+    if purge:
+        local.purge_data()
+    click.echo(f"cluster {config.cluster!r} is down{' and its data removed' if purge else ''}")
 
 
 @cli.command()

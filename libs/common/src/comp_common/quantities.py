@@ -57,8 +57,6 @@ def parse_cpu(value: int | float | str) -> float:
 def format_memory(n_bytes: int) -> str:
     for unit in ("Ti", "Gi", "Mi", "Ki"):
         size = _MEMORY_UNITS[unit]
-        if n_bytes >= size and n_bytes % size == 0:
-            return f"{n_bytes // size}{unit}"
-    if n_bytes >= 1024**2:
-        return f"{n_bytes / 1024**2:.1f}Mi"
+        if n_bytes >= size:
+            return f"{n_bytes // size}{unit}" if n_bytes % size == 0 else f"{n_bytes / size:.1f}{unit}"
     return str(n_bytes)

@@ -1,0 +1,344 @@
+"""The Docker Engine as a runtime, through the (synchronous) docker SDK.
+
+Every engine call runs in a worker thread (``asyncio.to_thread``) so the agent's event
+loop never waits on the engine; engine events are read by a thread of their own and
+handed to the loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from comp_common import labels
+from comp_common.messages import Capacity, TaskSpec
+
+from .driver import ALIVE_STATES, EventWatch, RuntimeTask, StartError
+
+log = logging.getLogger(__name__)
+
+# Engine events after which a container of ours may need the agent: it ended or vanished.
+_WATCHED_EVENTS = ["die", "destroy"]
+_RECONNECT_SECONDS = 1.0
+
+
+def container_name(cluster: str, task_id: str) -> str:
+    # Docker names allow [a-zA-Z0-9][a-zA-Z0-9_.-]*; task ids are DNS-ish already.
+    return re.sub(r"[^a-zA-Z0-9_.-]", "-", f"comp-{cluster}-{task_id}")
+
+
+class DockerDriver:
+    name = "docker"
+
+    def __init__(self, cluster: str, node_id: str, max_concurrency: int = 8, client: docker.DockerClient | None = None):
+        self.cluster = cluster
+        self.node_id = node_id
+        # One pooled connection per concurrent engine operation, plus a spare for listing.
+        self._client = client or docker.from_env(max_pool_size=max_concurrency + 2)
+        self._label_filter = [f"{labels.CLUSTER}={cluster}", f"{labels.NODE}={node_id}"]
+        # Containers an engine event said died or vanished.  The engine's container listing
+        # lags its events (it can still say "running" just after "die"), so these are
+        # inspected, which is exact, until a listing agrees.
+        self._ended_by_event: set[str] = set()
+        self._ended_lock = threading.Lock()
+
+    # ---- RuntimeDriver -----------------------------------------------------------------
+    async def capacity(self) -> Capacity:
+        info = await asyncio.to_thread(self._client.info)
+        return Capacity(cpu=float(info["NCPU"]), memory=int(info["MemTotal"]))
+
+    async def list_tasks(self) -> list[RuntimeTask]:
+        return await asyncio.to_thread(self._list_tasks)
+
+    async def start(self, task: TaskSpec) -> RuntimeTask:
+        return await asyncio.to_thread(self._start, task)
+
+    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float) -> None:
+        await asyncio.to_thread(self._stop, runtime_task.container_id, grace_seconds)
+
+    async def remove(self, runtime_task: RuntimeTask) -> None:
+        await asyncio.to_thread(self._remove, runtime_task.container_id)
+
+    async def watch(self, on_event: Callable[[str | None], None]) -> EventWatch:
+        watch = _DockerEventWatch(
+            client_factory=docker.from_env,
+            filters={"type": "container", "event": _WATCHED_EVENTS, "label": self._label_filter},
+            loop=asyncio.get_running_loop(),
+            on_event=on_event,
+            note_ended=self._note_ended,
+        )
+        watch.start()
+        return watch
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    # ---- listing -----------------------------------------------------------------------
+    def _list_tasks(self) -> list[RuntimeTask]:
+        # The summary listing costs one call for all containers; only ended ones are
+        # inspected, for the exit code and run times the summary lacks.
+        out: list[RuntimeTask] = []
+        with self._ended_lock:
+            ended_by_event = set(self._ended_by_event)
+        for summary in self._client.api.containers(all=True, filters={"label": self._label_filter}):
+            container_labels = summary.get("Labels") or {}
+            task_id = container_labels.get(labels.TASK_ID)
+            if not task_id:
+                continue
+            state = summary.get("State", "")
+            if state in ALIVE_STATES and summary["Id"] not in ended_by_event:
+                out.append(
+                    RuntimeTask(
+                        task_id=task_id,
+                        container_id=summary["Id"],
+                        state=state,
+                        spec_hash=container_labels.get(labels.SPEC_HASH, ""),
+                        deployment=container_labels.get(labels.DEPLOYMENT, ""),
+                        host_ports=_ports_from_summary(summary.get("Ports") or []),
+                        started_at=float(summary.get("Created") or 0) or None,
+                    )
+                )
+                continue
+            try:
+                attrs = self._client.api.inspect_container(summary["Id"])
+            except NotFound:
+                continue  # removed since the listing
+            out.append(_runtime_task(attrs))
+        still_alive = {t.container_id for t in out if t.alive}
+        with self._ended_lock:
+            # Seen ended or gone by inspection: nothing more to check for those.
+            self._ended_by_event -= ended_by_event - still_alive
+        return out
+
+    def _note_ended(self, container_id: str) -> None:
+        with self._ended_lock:
+            self._ended_by_event.add(container_id)
+
+    # ---- starting ----------------------------------------------------------------------
+    def _start(self, task: TaskSpec) -> RuntimeTask:
+        self._ensure_image(task.image)
+        container, already_running = self._create(task)
+        if not already_running:
+            try:
+                container.start()
+            except APIError as exc:
+                # e.g. the host port is taken or the entrypoint does not exist
+                self._remove(container.id)
+                raise StartError(f"container for task {task.task_id} could not start: {_reason(exc)}") from exc
+        container.reload()
+        return _runtime_task(container.attrs)
+
+    def _ensure_image(self, image: str) -> None:
+        try:
+            self._client.images.get(image)
+            return
+        except ImageNotFound:
+            pass
+        except APIError as exc:
+            raise StartError(f'image "{image}" cannot be used: {_reason(exc)}') from exc
+        try:
+            self._client.images.pull(image)
+        except DockerException as exc:
+            raise StartError(f'image "{image}" is not present locally and could not be pulled: {_reason(exc)}') from exc
+
+    def _create(self, task: TaskSpec) -> tuple[Any, bool]:
+        """The task's container, created; or the one already there, if it is this task running."""
+        config = self._container_config(task)
+        try:
+            return self._client.containers.create(**config), False
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise StartError(f"container for task {task.task_id} could not be created: {_reason(exc)}") from exc
+        # The name is taken: by this very task (an earlier start whose result was lost), or
+        # by a leftover (another node's copy, a different spec, a dead container).
+        try:
+            existing = self._client.containers.get(config["name"])
+        except NotFound:
+            existing = None
+        if existing is not None:
+            if existing.status == "running" and _carries_labels(existing.labels, config["labels"]):
+                log.info("adopting existing container", extra={"task_id": task.task_id, "container_id": existing.id})
+                return existing, True
+            log.info("replacing leftover container", extra={"task_id": task.task_id, "container_id": existing.id})
+            self._remove(existing.id)
+        try:
+            return self._client.containers.create(**config), False
+        except APIError as exc:
+            raise StartError(f"container for task {task.task_id} could not be created: {_reason(exc)}") from exc
+
+    def _container_config(self, task: TaskSpec) -> dict[str, Any]:
+        container_labels = {
+            **task.labels,
+            labels.CLUSTER: self.cluster,
+            labels.NODE: self.node_id,
+            labels.TASK_ID: task.task_id,
+            labels.DEPLOYMENT: task.deployment,
+            labels.SPEC_HASH: task.spec_hash,
+        }
+        return {
+            "image": task.image,
+            "name": container_name(self.cluster, task.task_id),
+            # Kubernetes meanings: command replaces the image's entrypoint, args its CMD.  The
+            # engine drops the image's CMD when the entrypoint is given, as Kubernetes does.
+            "entrypoint": task.command,
+            "command": task.args,
+            "environment": dict(task.env),
+            "labels": container_labels,
+            "nano_cpus": int(task.cpu * 1e9),
+            "mem_limit": task.memory,
+            # None lets the engine pick a free host port.
+            "ports": {f"{p.container_port}/{p.protocol}": p.host_port for p in task.ports},
+            "detach": True,
+            # No restart policy: the agent restarts, so that it sees and reports every exit.
+        }
+
+    # ---- stopping ----------------------------------------------------------------------
+    def _stop(self, container_id: str, grace_seconds: float) -> None:
+        try:
+            self._client.api.stop(container_id, timeout=math.ceil(grace_seconds))
+        except NotFound:
+            pass
+
+    def _remove(self, container_id: str) -> None:
+        try:
+            self._client.api.remove_container(container_id, force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            # Someone else is already removing it: the end result is the same.
+            if exc.status_code != 409:
+                raise
+
+
+class _DockerEventWatch:
+    """Reads the engine's event stream in a daemon thread, reconnecting when it breaks."""
+
+    def __init__(
+        self,
+        client_factory: Callable[[], docker.DockerClient],
+        filters: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        on_event: Callable[[str | None], None],
+        note_ended: Callable[[str], None],
+    ):
+        self._client_factory = client_factory
+        self._note_ended = note_ended
+        self._filters = filters
+        self._loop = loop
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._stream: Any = None
+        self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # the connection may already be gone
+                pass
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            client = None
+            try:
+                client = self._client_factory()
+                stream = client.events(decode=True, filters=self._filters)
+                with self._lock:
+                    if self._closed.is_set():
+                        stream.close()
+                        return
+                    self._stream = stream
+                # Whatever happened while not connected was missed: have the agent re-list.
+                self._notify(None)
+                for event in stream:
+                    actor = event.get("Actor") or {}
+                    task_id = (actor.get("Attributes") or {}).get(labels.TASK_ID)
+                    container_id = actor.get("ID") or event.get("id")
+                    if task_id and container_id:
+                        self._note_ended(container_id)
+                        self._notify(task_id)
+            except Exception as exc:
+                if self._loop.is_closed():
+                    return  # nobody is listening any more
+                # Whatever broke, this thread must live on: it is how deaths are seen at once.
+                log.warning("docker event stream failed; reconnecting", extra={"error": str(exc)})
+            finally:
+                if client is not None:
+                    client.close()
+            self._closed.wait(_RECONNECT_SECONDS)
+
+    def _notify(self, task_id: str | None) -> None:
+        self._loop.call_soon_threadsafe(self._on_event, task_id)
+
+
+def _carries_labels(have: Mapping[str, str], want: Mapping[str, str]) -> bool:
+    return all(have.get(key) == value for key, value in want.items())
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc)
+
+
+def _runtime_task(attrs: Mapping[str, Any]) -> RuntimeTask:
+    container_labels = attrs["Config"].get("Labels") or {}
+    state = attrs["State"]
+    alive = state.get("Status") in ALIVE_STATES
+    return RuntimeTask(
+        task_id=container_labels.get(labels.TASK_ID, ""),
+        container_id=attrs["Id"],
+        state=state.get("Status", ""),
+        exit_code=None if alive else state.get("ExitCode"),
+        spec_hash=container_labels.get(labels.SPEC_HASH, ""),
+        deployment=container_labels.get(labels.DEPLOYMENT, ""),
+        host_ports=_ports_from_inspect((attrs.get("NetworkSettings") or {}).get("Ports") or {}),
+        started_at=_parse_engine_time(state.get("StartedAt")),
+        finished_at=None if alive else _parse_engine_time(state.get("FinishedAt")),
+    )
+
+
+def _ports_from_inspect(ports: Mapping[str, list[dict[str, str]] | None]) -> dict[str, int]:
+    # {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "32768"}, {"HostIp": "::", ...}]}
+    out: dict[str, int] = {}
+    for key, bindings in ports.items():
+        for binding in bindings or []:
+            if binding.get("HostPort"):
+                out[key] = int(binding["HostPort"])
+                break
+    return out
+
+
+def _ports_from_summary(ports: list[dict[str, Any]]) -> dict[str, int]:
+    # [{"IP": "0.0.0.0", "PrivatePort": 8080, "PublicPort": 32768, "Type": "tcp"}, ...]
+    out: dict[str, int] = {}
+    for port in ports:
+        if port.get("PublicPort"):
+            out.setdefault(f"{port['PrivatePort']}/{port['Type']}", int(port["PublicPort"]))
+    return out
+
+
+def _parse_engine_time(value: str | None) -> float | None:
+    """Seconds since the epoch from the engine's RFC 3339 time with nanoseconds; None for its zero time."""
+    if not value or value.startswith("0001-"):
+        return None
+    whole, _, fraction = value.rstrip("Z").partition(".")
+    seconds = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+    digits = re.match(r"\d*", fraction).group(0)  # type: ignore[union-attr]
+    return seconds + (float(f"0.{digits}") if digits else 0.0)

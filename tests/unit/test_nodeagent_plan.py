@@ -1,0 +1,194 @@
+"""plan_actions: desired tasks and observed containers in, actions out."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from comp_common.messages import TaskSpec
+from comp_nodeagent.agent import Action, ActionKind, backoff_delay, plan_actions
+from comp_nodeagent.driver import RuntimeTask
+
+START, RESTART, STOP, ADOPT = ActionKind.START, ActionKind.RESTART, ActionKind.STOP, ActionKind.ADOPT
+
+
+def spec(task_id: str, spec_hash: str = "h1") -> TaskSpec:
+    return TaskSpec(
+        task_id=task_id,
+        deployment="default.web",
+        namespace="default",
+        name="web",
+        spec_hash=spec_hash,
+        image="comp/busybox:test",
+        cpu=0.1,
+        memory=64 * 1024**2,
+    )
+
+
+def container(task_id: str, state: str = "running", spec_hash: str = "h1", exit_code: int | None = None, cid: str | None = None) -> RuntimeTask:
+    return RuntimeTask(
+        task_id=task_id,
+        container_id=cid or f"c-{task_id}",
+        state=state,
+        exit_code=exit_code,
+        spec_hash=spec_hash,
+        deployment="default.web",
+    )
+
+
+def kinds(actions: list[Action]) -> list[tuple[str, ActionKind]]:
+    return [(a.task_id, a.kind) for a in actions]
+
+
+CASES = [
+    pytest.param(dict(desired=[spec("a")], actual=[]), [("a", START)], id="start-missing"),
+    pytest.param(dict(desired=[spec("a")], actual=[container("a")]), [("a", ADOPT)], id="adopt-unknown-running"),
+    pytest.param(
+        dict(desired=[spec("a")], actual=[container("a")], tracked={"a": "c-a"}), [], id="known-running-left-alone"
+    ),
+    pytest.param(
+        dict(desired=[spec("a")], actual=[container("a", cid="c-new")], tracked={"a": "c-old"}),
+        [("a", ADOPT)],
+        id="adopt-replaced-container",
+    ),
+    pytest.param(
+        dict(desired=[spec("a")], actual=[container("a", "exited", exit_code=137)], tracked={"a": "c-a"}),
+        [("a", RESTART)],
+        id="restart-exited",
+    ),
+    pytest.param(dict(desired=[spec("a")], actual=[container("a", "created")]), [("a", RESTART)], id="restart-never-started"),
+    pytest.param(
+        dict(desired=[spec("a", "h2")], actual=[container("a", spec_hash="h1")], tracked={"a": "c-a"}),
+        [("a", RESTART)],
+        id="restart-spec-changed",
+    ),
+    pytest.param(
+        dict(desired=[spec("a")], actual=[container("a", cid="c1"), container("a", cid="c2")]),
+        [("a", RESTART)],
+        id="restart-duplicates",
+    ),
+    pytest.param(dict(desired=[], actual=[container("a")]), [("a", STOP)], id="stop-unassigned-running"),
+    pytest.param(dict(desired=[], actual=[container("a", "exited", exit_code=0)]), [("a", STOP)], id="stop-unassigned-exited"),
+    pytest.param(dict(desired=[], actual=[], tracked={"a": None}), [("a", STOP)], id="stop-forgets-failed-unassigned"),
+    pytest.param(dict(desired=[], actual=[]), [], id="nothing"),
+    pytest.param(
+        dict(desired=[spec("a"), spec("b")], actual=[container("c")], busy={"a", "c"}), [("b", START)], id="busy-skipped"
+    ),
+    pytest.param(
+        dict(desired=[spec("a")], actual=[], tracked={"a": None}, not_before={"a": 105.0}, now=100.0),
+        [],
+        id="failed-waits-for-backoff",
+    ),
+    pytest.param(
+        dict(desired=[spec("a")], actual=[], tracked={"a": None}, not_before={"a": 99.0}, now=100.0),
+        [("a", START)],
+        id="failed-retried-after-backoff",
+    ),
+    pytest.param(
+        dict(
+            desired=[spec("a"), spec("b"), spec("c"), spec("d"), spec("e")],
+            actual=[
+                container("b"),
+                container("c", "exited", exit_code=1),
+                container("d"),
+                container("x"),
+                container("e", "exited", exit_code=2),
+            ],
+            tracked={"d": "c-d", "x": "c-x", "y": None},
+            busy={"e"},
+        ),
+        [("a", START), ("b", ADOPT), ("c", RESTART), ("x", STOP), ("y", STOP)],
+        id="mixed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("state", "expected"), CASES)
+def test_plan_actions(state: dict, expected: list) -> None:
+    assert kinds(plan_actions(**state)) == expected
+
+
+def test_actions_carry_what_they_act_on() -> None:
+    exited = container("a", "exited", exit_code=137)
+    [restart] = plan_actions([spec("a")], [exited])
+    assert restart.spec == spec("a")
+    assert restart.containers == (exited,)
+    assert "137" in restart.reason
+
+    [stop] = plan_actions([], [container("b")])
+    assert stop.spec is None
+    assert stop.reason
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay"), [(0, 0.0), (1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (40, 30.0)]
+)
+def test_backoff_delay(failures: int, delay: float) -> None:
+    assert backoff_delay(failures, cap=30.0) == delay
+
+
+# ---- property: applying the plan converges the runtime on the assignments ------------
+
+TASK_IDS = [f"t{i}" for i in range(6)]
+ids = st.sets(st.sampled_from(TASK_IDS))
+runtime_containers = st.lists(
+    st.builds(
+        container,
+        task_id=st.sampled_from(TASK_IDS),
+        state=st.sampled_from(["running", "exited", "created", "dead"]),
+        spec_hash=st.sampled_from(["h1", "h2"]),
+        exit_code=st.none() | st.integers(0, 255),
+    ),
+    max_size=8,
+)
+_container_ids = itertools.count()
+
+
+def apply(actions: list[Action], runtime: list[RuntimeTask], tracked: dict[str, str | None]) -> list[RuntimeTask]:
+    """A simulated engine: what the agent's executors do to the runtime and its own records."""
+    by_task = {a.task_id: a for a in actions}
+    out = [c for c in runtime if c.task_id not in by_task or by_task[c.task_id].kind is ADOPT]
+    for action in actions:
+        if action.kind in (START, RESTART):
+            assert action.spec is not None
+            new = RuntimeTask(action.task_id, f"n{next(_container_ids)}", "running", spec_hash=action.spec.spec_hash)
+            out.append(new)
+            tracked[action.task_id] = new.container_id
+        elif action.kind is ADOPT:
+            tracked[action.task_id] = action.containers[0].container_id
+        elif action.kind is STOP:
+            tracked.pop(action.task_id, None)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    wanted=ids,
+    hashes=st.dictionaries(st.sampled_from(TASK_IDS), st.sampled_from(["h1", "h2"])),
+    runtime=runtime_containers,
+    tracked_ids=ids,
+)
+def test_plan_converges_on_desired(wanted: set[str], hashes: dict[str, str], runtime: list[RuntimeTask], tracked_ids: set[str]) -> None:
+    desired = [spec(t, hashes.get(t, "h1")) for t in sorted(wanted)]
+    tracked: dict[str, str | None] = {t: None for t in tracked_ids}
+
+    actions = plan_actions(desired, runtime, tracked=tracked)
+    assert len({a.task_id for a in actions}) == len(actions), "at most one action per task"
+    runtime = apply(actions, runtime, tracked)
+
+    # Exactly the desired tasks run, one container each, with the desired spec.
+    assert sorted(c.task_id for c in runtime) == sorted(wanted)
+    assert all(c.alive for c in runtime)
+    assert {c.task_id: c.spec_hash for c in runtime} == {t.task_id: t.spec_hash for t in desired}
+    # The agent knows exactly what runs, and a second pass has nothing left to do.
+    assert tracked == {c.task_id: c.container_id for c in runtime}
+    assert plan_actions(desired, runtime, tracked=tracked) == []
+
+
+@given(wanted=ids, runtime=runtime_containers, busy=ids)
+def test_busy_tasks_are_never_touched(wanted: set[str], runtime: list[RuntimeTask], busy: set[str]) -> None:
+    actions = plan_actions([spec(t) for t in wanted], runtime, busy=busy)
+    assert not {a.task_id for a in actions} & busy
