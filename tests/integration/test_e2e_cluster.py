@@ -81,11 +81,16 @@ class Api:
         assert response.status_code == 200, response.text
 
 
-def containers(client: docker.DockerClient, local: LocalCluster, deployment: str, status: str | None = "running"):
+def containers(client: docker.DockerClient, local: LocalCluster, deployment: str, status: str | None = "running") -> list[dict]:
+    """The engine's list (no per-container inspect, so containers going away mid-call are no error)."""
     filters = {"label": [f"{labels.CLUSTER}={local.config.cluster}", f"{labels.DEPLOYMENT}={deployment}"]}
     if status:
         filters["status"] = status
-    return client.containers.list(all=True, filters=filters)
+    return client.api.containers(all=True, filters=filters)
+
+
+def started_at(client: docker.DockerClient, found: list[dict]) -> dict[str, str]:
+    return {c["Id"]: client.api.inspect_container(c["Id"])["State"]["StartedAt"] for c in found}
 
 
 def http_get(port: int) -> str:
@@ -119,23 +124,23 @@ def test_killed_replica_is_replaced_and_restarted_agent_adopts(cluster, docker_c
     api = Api(cluster)
     api.apply(manifest("heal", 3, busybox_image))
     wait_until(lambda: api.running("default.heal", 3), what="3 running")
-    victim = containers(docker_client, cluster, "default.heal")[0]
-    victim.kill()
+    victim = containers(docker_client, cluster, "default.heal")[0]["Id"]
+    docker_client.api.kill(victim)
     wait_until(
         lambda: len(containers(docker_client, cluster, "default.heal")) == 3
-        and victim.id not in {c.id for c in containers(docker_client, cluster, "default.heal")},
+        and victim not in {c["Id"] for c in containers(docker_client, cluster, "default.heal")},
         what="the killed replica replaced",
     )
     wait_until(lambda: api.running("default.heal", 3), what="back at full count")
 
-    before = {c.id: c.attrs["State"]["StartedAt"] for c in containers(docker_client, cluster, "default.heal")}
+    before = started_at(docker_client, containers(docker_client, cluster, "default.heal"))
     node_id = cluster.config.node_ids()[0]
     cluster.kill(f"nodeagent-{node_id}", signal.SIGTERM)
     cluster.start_agent(node_id)
     cluster.wait_nodes()
     # Several resync periods of the new agent: nothing may be duplicated or restarted.
     time.sleep(3)
-    after = {c.id: c.attrs["State"]["StartedAt"] for c in containers(docker_client, cluster, "default.heal", None)}
+    after = started_at(docker_client, containers(docker_client, cluster, "default.heal", None))
     assert after == before
     api.delete("default", "heal")
     wait_until(lambda: not containers(docker_client, cluster, "default.heal", None), what="cleanup")
