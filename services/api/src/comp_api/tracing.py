@@ -27,6 +27,12 @@ class RequestTracingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        outer = trace.get_current_span()
+        if outer.get_span_context().is_valid:
+            # FastAPI's own telemetry already made the SERVER span (continuing any
+            # traceparent): a second one would split the request into two traces.
+            await self._serve(scope, receive, send, outer, owned=False)
+            return
         headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
         method = scope["method"]
         with self._tracer.start_as_current_span(
@@ -36,26 +42,30 @@ class RequestTracingMiddleware:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": scope["path"]},
         ) as span:
-            operation_id = trace.format_trace_id(span.get_span_context().trace_id)
-            status_code = 500
+            await self._serve(scope, receive, send, span, owned=True)
 
-            async def send_with_operation_id(message: Message) -> None:
-                nonlocal status_code
-                if message["type"] == "http.response.start":
-                    status_code = message["status"]
-                    message = {
-                        **message,
-                        "headers": [*message.get("headers", []), (OPERATION_ID_HEADER.encode(), operation_id.encode())],
-                    }
-                await send(message)
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, span: trace.Span, owned: bool) -> None:
+        operation_id = trace.format_trace_id(span.get_span_context().trace_id)
+        status_code = 500
 
-            try:
-                await self.app(scope, receive, send_with_operation_id)
-            finally:
+        async def send_with_operation_id(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (OPERATION_ID_HEADER.encode(), operation_id.encode())],
+                }
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_operation_id)
+        finally:
+            if owned:
                 # The router records the matched route in the scope it was given.
                 route_template = getattr(scope.get("route"), "path", None)
                 if route_template:
-                    span.update_name(f"{method} {route_template}")
+                    span.update_name(f"{scope['method']} {route_template}")
                     span.set_attribute("http.route", route_template)
                 span.set_attribute("http.response.status_code", status_code)
                 if status_code >= 500:

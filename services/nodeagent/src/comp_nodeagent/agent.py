@@ -42,6 +42,8 @@ tracer = trace.get_tracer("comp_nodeagent")
 STABLE_RUN_SECONDS = 10.0
 # How long shutdown waits for engine operations already under way.
 SHUTDOWN_WAIT_SECONDS = 5.0
+FOLLOW_UP_PASS_DELAY_SECONDS = 0.2
+_FINISHED = " finished"
 # After an engine error in a stop or replace, the task is held back this long so that a
 # persistent error (an engine in trouble) is retried at a walk, not in a tight loop.
 ACTION_ERROR_PAUSE_SECONDS = 1.0
@@ -292,6 +294,11 @@ class Agent:
     async def _run_requested_passes(self) -> None:
         while True:
             await self._pass_wanted.wait()
+            if all(reason.endswith(_FINISHED) for reason in self._pass_reasons):
+                # A pass after an action only confirms what the action did; waiting a little
+                # folds the confirmations of a large deploy into a few engine listings
+                # instead of one per container.  Nudges and engine events never wait.
+                await asyncio.sleep(FOLLOW_UP_PASS_DELAY_SECONDS)
             self._pass_wanted.clear()
             reasons, self._pass_reasons = self._pass_reasons, []
             trigger = ", ".join(sorted(set(reasons)))
@@ -348,7 +355,7 @@ class Agent:
         finally:
             self._inflight.pop(action.task_id, None)
             self._settled_since_listing.add(action.task_id)
-            self.request_reconcile(f"{action.kind.value} of {action.task_id} finished")
+            self.request_reconcile(f"{action.kind.value} of {action.task_id}{_FINISHED}")
 
     async def _start(self, spec: TaskSpec, reason: str) -> None:
         with tracer.start_as_current_span(
