@@ -160,6 +160,13 @@ def test_one_apply_is_one_trace(cluster, busybox_image):
     ids = {s["span_id"] for s in spans}
     roots = [s for s in spans if s["parent_id"] not in ids]
     assert len(roots) == 1 and roots[0]["service"] == "api", "one tree rooted at the API request"
+    root = roots[0]
+    all_spans = [json.loads(line) for line in Path(cluster.config.span_file).read_text().splitlines()]
+    same_request = [
+        s for s in all_spans
+        if s["service"] == "api" and s["kind"] == "SERVER" and "apply" in s["name"] and s["start_ns"] <= root["end_ns"] and s["end_ns"] >= root["start_ns"]
+    ]
+    assert [s["trace_id"] for s in same_request] == [operation_id], "the request made exactly one server span"
     api.delete("default", "traced")
 
 
