@@ -225,3 +225,28 @@ async def test_garbage_on_every_consumed_subject_is_dropped(cluster, busybox_ima
     wait_until(lambda: api.running("default.after-garbage", 1), what="still serving after garbage")
     assert all(pid for pid in cluster.running().values()), f"a process died: {cluster.running()}"
     api.delete("default", "after-garbage")
+
+
+def test_describe_says_where_tasks_went_and_why_one_is_pending(cluster, busybox_image):
+    comp = [sys.executable, "-m", "comp_cli.main", "--api", cluster.config.api_url]
+    host_port = free_port()
+    text = manifest("fixed", 2, busybox_image).replace(
+        "- container_port: 8080", f"- container_port: 8080\n      host_port: {host_port}"
+    )
+    Api(cluster).apply(text)
+    wait_until(lambda: [t for t in Api(cluster).tasks("default.fixed") if t["state"] == "running"], what="one running")
+    out = wait_until(
+        lambda: (o := subprocess.run(comp + ["describe", "deployment", "fixed"], capture_output=True, text=True, check=True).stdout)
+        and "Pending:" in o and o,
+        what="describe showing the pending reason",
+    )
+    assert "2 desired, 1 placed" in out
+    assert "Pending:     no feasible node (1 node: host port in use)" in out
+    assert f"placed  fixed-" in out and "best of 1 feasible node" in out
+    Api(cluster).delete("default", "fixed")
+
+
+def test_placement_of_a_deployment_never_placed_is_a_clear_404(cluster):
+    response = httpx.get(f"{cluster.config.api_url}/v1/deployments/default/never-applied/placement", timeout=10)
+    assert response.status_code == 404
+    assert response.json()["detail"] == "no placement decision recorded for default/never-applied yet"

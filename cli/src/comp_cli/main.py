@@ -163,6 +163,43 @@ def delete(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
 
 
 @cli.command()
+@click.argument("kind", type=click.Choice(["deployment", "deploy"]))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
+    """A deployment in full: spec, status, why tasks are pending, where each task went and why."""
+    c = client(ctx)
+    d = c.json("GET", f"/v1/deployments/{namespace}/{name}")
+    spec = d["manifest"]["spec"]
+    st = d.get("status") or {}
+    lines = [
+        f"Name:        {namespace}/{name}",
+        f"Image:       {spec['image']}",
+        f"Command:     {' '.join(spec.get('command') or []) or '(image default)'}",
+        f"Resources:   cpu {spec['resources']['cpu']}, memory {format_memory(spec['resources']['memory'])}",
+        f"Replicas:    {spec['replicas']} desired, {st.get('placed', 0)} placed, {st.get('running', 0)} running",
+        f"Generation:  {d['generation']} (revision {d['revision']})",
+    ]
+    if st.get("pending_reason"):
+        lines.append(f"Pending:     {st['pending_reason']}")
+    response = c.request("GET", f"/v1/deployments/{namespace}/{name}/placement")
+    if response.status_code == 200:
+        placement = response.json()
+        lines.append("Last placement decision:")
+        for p in placement.get("placed", []):
+            lines.append(f"  placed  {p['task_id']} on {p['node_id']}: {p['reason']}")
+        for s in placement.get("stopped", []):
+            lines.append(f"  stopped {s['task_id']} on {s['node_id']}: {s['reason']}")
+        if placement.get("pending"):
+            lines.append(f"  pending {placement['pending']}: {placement['pending_reason']}")
+    tasks = [t for t in c.json("GET", "/v1/tasks", params={"deployment": f"{namespace}.{name}"})]
+    lines.append("Tasks:")
+    lines.append(tasks_table(tasks) if tasks else "  (none)")
+    click.echo("\n".join(lines))
+
+
+@cli.command()
 @click.argument("kind", type=click.Choice(["deployments", "deployment", "deploy", "tasks", "task", "nodes", "node"]))
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")

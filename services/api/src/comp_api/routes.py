@@ -6,12 +6,13 @@ import logging
 import time
 from typing import Annotated, Any
 
+import nats.js.errors
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from comp_common import subjects
 from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, parse_deployments
-from comp_common.messages import DeploymentEvent, NodeInfo, TaskStatus
+from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, TaskStatus
 from comp_common.telemetry import current_trace_id
 
 from .backends import NATS, REDIS, Backends, DependencyUnavailable
@@ -150,6 +151,24 @@ async def delete_deployment(namespace: NamePath, name: NamePath, backends: Backe
     )
     await _announce(backends, event)
     return DeleteResponse(operation_id=current_trace_id() or "", namespace=namespace, name=name)
+
+
+@router.get(
+    "/v1/deployments/{namespace}/{name}/placement",
+    response_model=PlacementEvent,
+    responses={404: {"model": ErrorResponse, "description": "no placement decision recorded yet"}, **_UNAVAILABLE},
+)
+async def last_placement(namespace: NamePath, name: NamePath, backends: BackendsDep) -> PlacementEvent:
+    """The scheduler's last decision for this deployment: where each task went and why, what
+    was stopped and why, and why any replicas are pending."""
+    backends.deployments()  # 503 at once when NATS is not connected
+    subject = subjects.placement_event(namespace, name)
+    async with backends.calling(NATS):
+        try:
+            message = await backends.broker.connection.jetstream().get_last_msg(subjects.EVENTS_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            raise HTTPException(404, f"no placement decision recorded for {namespace}/{name} yet") from None
+    return PlacementEvent.model_validate_json(message.data)
 
 
 @router.get("/v1/tasks", response_model=list[TaskStatus], responses=_UNAVAILABLE)

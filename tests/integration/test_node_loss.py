@@ -1,0 +1,88 @@
+"""A lost node on real Docker: SIGKILL of a node agent, its tasks run elsewhere; when it
+comes back, the copies it still runs are stopped so no replica runs twice."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from comp_cli.local import ClusterConfig, LocalCluster, free_port
+from comp_common import labels
+
+pytestmark = pytest.mark.docker
+
+MANIFEST = """
+apiVersion: comp/v1
+kind: Deployment
+metadata: {name: sleepers}
+spec:
+  replicas: 4
+  image: %s
+  command: [sleep, "3600"]
+  resources: {cpu: 0.05, memory: 16Mi}
+"""
+
+
+def wait_until(check, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture
+def two_nodes(tmp_path, docker_client, busybox_image):
+    config = ClusterConfig(
+        tmp_path / "cluster", cluster=f"loss{free_port()}", nats_port=free_port(), redis_port=free_port(),
+        api_port=free_port(), nodes=2,
+    )
+    local = LocalCluster(config)
+    local.start()
+    yield local
+    local.stop(purge_workloads=True)
+
+
+def test_sigkilled_agent_tasks_move_and_duplicates_go_when_it_returns(two_nodes, docker_client, busybox_image):
+    api = two_nodes.config.api_url
+    lost_node, survivor = two_nodes.config.node_ids()
+
+    def tasks():
+        return [t for t in httpx.get(f"{api}/v1/tasks", timeout=10).json() if t["deployment"] == "default.sleepers"]
+
+    def running_on(node=None):
+        found = [t for t in tasks() if t["state"] == "running" and (node is None or t["node_id"] == node)]
+        return found
+
+    def container_ids():
+        return {
+            c["Id"]
+            for c in docker_client.api.containers(
+                filters={"label": [f"{labels.CLUSTER}={two_nodes.config.cluster}", f"{labels.DEPLOYMENT}=default.sleepers"]}
+            )
+        }
+
+    assert httpx.post(f"{api}/v1/apply", content=MANIFEST % busybox_image, timeout=30).status_code == 200
+    wait_until(lambda: len(running_on()) == 4, what="4 running")
+    before = {t["task_id"]: t["node_id"] for t in running_on()}
+    assert set(before.values()) == {lost_node, survivor}, "spread over both nodes"
+    moved = {task_id for task_id, node in before.items() if node == lost_node}
+
+    two_nodes.kill(f"nodeagent-{lost_node}", signal.SIGKILL)
+    after = wait_until(
+        lambda: (r := running_on(survivor)) and len(r) == 4 and r, timeout=20, what="all 4 running on the surviving node"
+    )
+    assert not moved & {t["task_id"] for t in after}, "lost tasks are replaced by new ones"
+    # The killed agent's containers still run: the engine does not know the agent died.
+    assert len(container_ids()) == 4 + len(moved)
+
+    two_nodes.start_agent(lost_node)
+    wait_until(lambda: len(container_ids()) == 4, timeout=30, what="the returning node stops its stale copies")
+    assert {t["task_id"] for t in running_on()} == {t["task_id"] for t in after}
+    assert all(t["node_id"] == survivor for t in tasks())
