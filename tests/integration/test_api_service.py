@@ -487,3 +487,59 @@ async def test_openapi_documents_the_manifest_body(api: Api) -> None:
     assert {"Deployment", "Metadata", "DeploymentSpec", "Resources", "Port"} <= set(schemas)
     assert "apiVersion" in schemas["Deployment"]["properties"]
     assert {"/healthz", "/v1/deployments", "/v1/deployments/{namespace}/{name}", "/v1/tasks", "/v1/nodes"} <= set(spec["paths"])
+
+
+# ---- namespaces, quotas, node controls ---------------------------------------------------
+
+
+async def test_apply_over_quota_is_403_and_stores_nothing(api) -> None:
+    put = await api.http.put("/v1/namespaces/shop", json={"quota": {"cpu": "400m", "memory": "1Gi", "tasks": 10}})
+    assert put.status_code == 200, put.text
+    # WEB asks for 2 x 250m = 500m in namespace shop.
+    response = await api.apply(WEB)
+    assert response.status_code == 403
+    assert response.json()["detail"] == "namespace shop quota exceeded: cpu 0.5 cores > quota 0.4; nothing was applied"
+    assert await api.stored_keys() == []
+
+    raised = await api.http.put("/v1/namespaces/shop", json={"quota": {"cpu": 1, "tasks": 2}})
+    assert raised.status_code == 200
+    assert (await api.apply(WEB)).status_code == 200
+    scaled = WEB.replace("replicas: 2", "replicas: 3")
+    over = await api.apply(scaled)
+    assert over.status_code == 403 and "tasks 3 > quota 2" in over.json()["detail"]
+    assert (await (await api.kv()).get("shop.web")).value.count(b'"replicas":2') == 1, "the stored spec is unchanged"
+
+
+async def test_quota_below_current_usage_is_refused(api) -> None:
+    assert (await api.apply(WEB)).status_code == 200
+    response = await api.http.put("/v1/namespaces/shop", json={"quota": {"memory": "100Mi"}})
+    assert response.status_code == 403
+    assert "reserves more than this quota: memory 128Mi > quota 100Mi" in response.json()["detail"]
+    listed = (await api.http.get("/v1/namespaces")).json()
+    assert listed == []
+
+
+async def test_namespace_validation_and_delete(api) -> None:
+    bad = await api.http.put("/v1/namespaces/shop", json={"quota": {"memory": "12Mb"}, "extra": 1})
+    assert bad.status_code == 422
+    paths = {e["path"] for e in bad.json()["detail"]["errors"]}
+    assert paths == {"quota.memory", "extra"}
+    assert (await api.http.put("/v1/namespaces/shop", json={"quota": {"tasks": 5}})).status_code == 200
+    assert (await api.apply(WEB)).status_code == 200
+    [shop] = (await api.http.get("/v1/namespaces")).json()
+    assert shop["usage"] == {"cpu": 0.5, "memory": 128 * 1024**2, "tasks": 2}
+    assert (await api.http.delete("/v1/namespaces/shop")).status_code == 409
+    assert (await api.http.delete("/v1/deployments/shop/web")).status_code == 200
+    assert (await api.http.delete("/v1/namespaces/shop")).status_code == 200
+    assert (await api.http.delete("/v1/namespaces/shop")).status_code == 404
+
+
+async def test_node_cordon_drain_uncordon_are_stored(api) -> None:
+    for action, cordoned, draining in (("cordon", True, False), ("drain", True, True), ("uncordon", False, False)):
+        response = await api.http.post(f"/v1/nodes/n1/{action}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["cordoned"], body["draining"]) == (cordoned, draining)
+    kv = await api.nc.jetstream().key_value(subjects.NODE_CONTROLS_BUCKET)
+    assert await list_keys(kv) == ["n1"]
+    assert (await api.http.post("/v1/nodes/n1/explode")).status_code == 422

@@ -200,7 +200,7 @@ def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["deployments", "deployment", "deploy", "tasks", "task", "nodes", "node"]))
+@click.argument("kind", type=click.Choice(["deployments", "deployment", "deploy", "tasks", "task", "nodes", "node", "namespaces", "namespace", "ns"]))
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
@@ -215,6 +215,9 @@ def get(ctx: click.Context, kind: str, namespace: str | None, output: str) -> No
         if namespace:
             items = [t for t in items if t["deployment"].split(".", 1)[0] == namespace]
         render = tasks_table
+    elif kind in ("namespaces", "namespace", "ns"):
+        items = c.json("GET", "/v1/namespaces")
+        render = namespaces_table
     else:
         items = c.json("GET", "/v1/nodes")
         render = nodes_table
@@ -244,6 +247,12 @@ def tasks_table(items: list[dict]) -> str:
     return table(["TASK", "DEPLOYMENT", "NODE", "STATE", "RESTARTS", "PORTS", "MESSAGE"], rows)
 
 
+def namespaces_table(items: list[dict]) -> str:
+    rows = [[n["name"], _quota_text(n["quota"]), f"cpu {n['usage']['cpu']:g}, memory {format_memory(int(n['usage']['memory']))}, "
+             f"tasks {int(n['usage']['tasks'])}"] for n in items]
+    return table(["NAMESPACE", "QUOTA", "RESERVED"], rows)
+
+
 def nodes_table(items: list[dict]) -> str:
     rows = []
     now = time.time()
@@ -260,6 +269,65 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+# ---- namespaces and nodes -----------------------------------------------------------------
+@cli.group()
+def namespace() -> None:
+    """Namespaces and their quotas."""
+
+
+@namespace.command("set")
+@click.argument("name")
+@click.option("--cpu", help="Total cores the namespace may reserve, e.g. 4 or 4000m.")
+@click.option("--memory", help="Total memory, e.g. 8Gi.")
+@click.option("--tasks", type=int, help="Total replicas.")
+@click.pass_context
+def namespace_set(ctx: click.Context, name: str, cpu: str | None, memory: str | None, tasks: int | None) -> None:
+    """Create NAME or replace its quota (an option left out is unbounded)."""
+    quota = {k: v for k, v in {"cpu": cpu, "memory": memory, "tasks": tasks}.items() if v is not None}
+    body = client(ctx).json("PUT", f"/v1/namespaces/{name}", json={"quota": quota})
+    click.echo(f"namespace {body['name']} set: {_quota_text(body['quota'])}")
+
+
+@namespace.command("delete")
+@click.argument("name")
+@click.pass_context
+def namespace_delete(ctx: click.Context, name: str) -> None:
+    client(ctx).json("DELETE", f"/v1/namespaces/{name}")
+    click.echo(f"namespace {name} deleted")
+
+
+def _quota_text(quota: dict) -> str:
+    parts = []
+    if quota.get("cpu") is not None:
+        parts.append(f"cpu {quota['cpu']:g}")
+    if quota.get("memory") is not None:
+        parts.append(f"memory {format_memory(quota['memory'])}")
+    if quota.get("tasks") is not None:
+        parts.append(f"tasks {quota['tasks']}")
+    return ", ".join(parts) or "no quota"
+
+
+@cli.group()
+def node() -> None:
+    """Cordon, drain and uncordon nodes."""
+
+
+def _node_action(action: str, help_text: str):
+    @node.command(action, help=help_text)
+    @click.argument("node_id")
+    @click.pass_context
+    def command(ctx: click.Context, node_id: str) -> None:
+        body = client(ctx).json("POST", f"/v1/nodes/{node_id}/{action}")
+        click.echo(f"node {node_id}: cordoned={body['cordoned']} draining={body['draining']}")
+
+    return command
+
+
+_node_action("cordon", "Place nothing new on NODE_ID.")
+_node_action("drain", "Cordon NODE_ID and move its tasks elsewhere, each stopped once its replacement runs.")
+_node_action("uncordon", "Undo cordon and drain.")
 
 
 # ---- images --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .manifest import Deployment, Port
+from .quota import Quota
 
 
 class Message(BaseModel):
@@ -69,11 +70,16 @@ class NodeAssignments(Message):
     node_id: str
     version: int = 0
     tasks: list[TaskSpec] = Field(default_factory=list)
+    # The fencing epoch of the scheduler that wrote this value (its lease's revision when it
+    # became leader); an agent refuses a value older than one it has already accepted.
+    # 0: written before epochs existed.
+    epoch: int = 0
 
 
 class Nudge(Message):
     node_id: str
     version: int
+    epoch: int = 0  # of the scheduler that sent it
 
 
 class TaskStatus(Message):
@@ -95,6 +101,19 @@ class Capacity(Message):
     memory: int  # bytes
 
 
+class Taint(Message):
+    """Keeps new replicas off a node unless their deployment tolerates it (``key=value:effect``)."""
+
+    key: str
+    value: str = ""
+    # Only NoSchedule is acted on today; a plain string so that a newer agent's effect does
+    # not make its whole heartbeat invalid (the scheduler treats an unknown effect as NoSchedule).
+    effect: str = "NoSchedule"
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}:{self.effect}" if self.value else f"{self.key}:{self.effect}"
+
+
 class Heartbeat(Message):
     node_id: str
     seq: int
@@ -105,6 +124,7 @@ class Heartbeat(Message):
     capacity: Capacity
     allocated: Capacity
     labels: dict[str, str] = Field(default_factory=dict)
+    taints: list[Taint] = Field(default_factory=list)
     tasks: list[TaskStatus] = Field(default_factory=list)
 
 
@@ -119,6 +139,7 @@ class NodeInfo(Message):
     capacity: Capacity
     allocated: Capacity
     labels: dict[str, str] = Field(default_factory=dict)
+    taints: list[Taint] = Field(default_factory=list)
     tasks: int = 0
 
 
@@ -130,6 +151,65 @@ class PlacementEvent(Message):
     stopped: list[dict[str, str]] = Field(default_factory=list)  # task_id, node_id, reason
     pending: int = 0
     pending_reason: str = ""
+    # Why no node would take the pending replicas: filter reason -> how many nodes it rejected
+    # ("insufficient memory": 3, "constraint zone=b": 1).
+    rejections: dict[str, int] = Field(default_factory=dict)
+
+
+class NamespaceRecord(Message):
+    """A namespace as stored in the namespaces bucket; a namespace without one has no quota."""
+
+    name: str
+    quota: "Quota" = Field(default_factory=lambda: Quota())
+    created_at: float
+    updated_at: float
+
+
+class NodeControl(Message):
+    """What an operator asked of a node: cordoned (nothing new placed) and draining (its tasks
+    move elsewhere, each stopped only once its replacement runs)."""
+
+    node_id: str
+    cordoned: bool = False
+    draining: bool = False
+    updated_at: float
+
+
+class ControlEvent(Message):
+    kind: Literal["namespace", "node"]
+    name: str
+    action: str
+
+
+class LeaseRecord(Message):
+    """The value of a leadership lease in the leases bucket (key = the role, e.g. ``scheduler``).
+
+    The KV revision of the write that acquired the lease is the holder's fencing epoch.
+    Expiry is judged by the revision not changing for ``lease_seconds`` on the reader's own
+    monotonic clock; the wall-clock times here are for people and are never compared
+    across hosts.
+    """
+
+    holder: str  # unique per process and start
+    name: str  # the instance's name, e.g. scheduler-2
+    host: str
+    pid: int
+    lease_seconds: float
+    acquired_at: float
+    renewed_at: float
+    epoch: int = 0  # written from the first renewal on; the acquiring write cannot know its own revision
+
+
+class LeaderChange(Message):
+    """A contender started or stopped leading (``comp.evt.<role>.leader``)."""
+
+    role: str
+    holder: str
+    name: str
+    epoch: int
+    state: Literal["leading", "stepped-down"]
+    reason: str = ""
+    at: float
 
 
 def node_state(last_heartbeat: float, now: float, grace_seconds: float) -> Literal["ready", "down"]:

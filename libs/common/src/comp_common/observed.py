@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from .messages import Capacity, Heartbeat, Message, NodeInfo, TaskStatus, node_state
+from .messages import Capacity, Heartbeat, LeaderChange, Message, NodeInfo, Taint, TaskStatus, node_state
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -27,6 +27,7 @@ class NodeRecord(Message):
     capacity: Capacity
     allocated: Capacity
     labels: dict[str, str] = {}
+    taints: list[Taint] = []
     tasks: int = 0
 
     @classmethod
@@ -39,6 +40,7 @@ class NodeRecord(Message):
             capacity=hb.capacity,
             allocated=hb.allocated,
             labels=hb.labels,
+            taints=hb.taints,
             tasks=len(hb.tasks),
         )
 
@@ -65,6 +67,7 @@ class ObservedStore:
         self._nodes = f"comp:{cluster}:nodes"
         self._tasks = f"comp:{cluster}:tasks"
         self._deployments = f"comp:{cluster}:deployments"
+        self._scheduler_leader = f"comp:{cluster}:scheduler:leader"
 
     async def put_nodes(self, nodes: Iterable[NodeRecord]) -> None:
         mapping = {n.node_id: n.model_dump_json() for n in nodes}
@@ -99,6 +102,13 @@ class ObservedStore:
 
     async def list_deployment_statuses(self) -> dict[str, DeploymentStatus]:
         return {s.deployment: s for s in _decode(await self.r.hgetall(self._deployments), DeploymentStatus)}
+
+    async def put_scheduler_leader(self, change: LeaderChange) -> None:
+        await self.r.set(self._scheduler_leader, change.model_dump_json())
+
+    async def get_scheduler_leader(self) -> LeaderChange | None:
+        raw = await self.r.get(self._scheduler_leader)
+        return LeaderChange.model_validate_json(raw) if raw else None
 
 
 def _decode(raw: dict, model: type[M]) -> list[M]:

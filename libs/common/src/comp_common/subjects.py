@@ -14,6 +14,12 @@ EVENT_SUBJECTS = "comp.evt.>"
 
 DEPLOYMENTS_BUCKET = "comp-deployments"
 ASSIGNMENTS_BUCKET = "comp-assignments"
+# Leadership leases, one key per role (``scheduler``); a key's revision when its holder
+# acquired it is that holder's fencing epoch.
+LEASES_BUCKET = "comp-leases"
+SCHEDULER_LEASE_KEY = "scheduler"
+NAMESPACES_BUCKET = "comp-namespaces"
+NODE_CONTROLS_BUCKET = "comp-node-controls"
 
 # Deployment applied or deleted (published by api, consumed by scheduler).
 DEPLOYMENT_EVENTS = "comp.evt.deployment.>"
@@ -21,12 +27,22 @@ DEPLOYMENT_EVENTS = "comp.evt.deployment.>"
 TASK_EVENTS = "comp.evt.task.*"
 # One placement round's decisions (published by scheduler).
 PLACEMENT_EVENTS = "comp.evt.placement.>"
+# A scheduler started or stopped leading (published by scheduler), with holder and epoch.
+SCHEDULER_LEADER_EVENTS = "comp.evt.scheduler.leader"
 # Node heartbeats (nodeagent -> scheduler), not kept in the event log.
 NODE_HEARTBEATS = "comp.node.*.heartbeat"
 
 
 def deployment_event(namespace: str, name: str) -> str:
     return f"comp.evt.deployment.{namespace}.{name}"
+
+
+# Namespace or node control changed (api -> scheduler).
+CONTROL_EVENTS = "comp.evt.control.>"
+
+
+def control_event(kind: str, name: str) -> str:
+    return f"comp.evt.control.{kind}.{name}"
 
 
 def task_event(node_id: str) -> str:

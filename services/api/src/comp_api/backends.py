@@ -23,6 +23,7 @@ from comp_common.kv import open_bucket
 from comp_common.observed import ObservedStore
 
 from .settings import ApiSettings
+from .controls import NamespaceStore, NodeControlStore
 from .store import DeploymentStore
 
 log = logging.getLogger("api.backends")
@@ -50,6 +51,8 @@ class Backends:
         self.observed = observed
         # Set once NATS answered and the deployments bucket is open.
         self._store: DeploymentStore | None = None
+        self._namespaces: NamespaceStore | None = None
+        self._node_controls: NodeControlStore | None = None
 
     def nats_connected(self) -> bool:
         try:
@@ -63,6 +66,16 @@ class Backends:
             raise DependencyUnavailable(NATS, f"not connected to {self.settings.nats.url}")
         return self._store
 
+    def namespaces(self) -> NamespaceStore:
+        self.deployments()  # the same connection check
+        assert self._namespaces is not None
+        return self._namespaces
+
+    def node_controls(self) -> NodeControlStore:
+        self.deployments()
+        assert self._node_controls is not None
+        return self._node_controls
+
     async def connect(self, retry_seconds: float = 1.0) -> None:
         """Connect to NATS and open what the api needs there, retrying until it works."""
         # Reconnects forever on its own (max_reconnect_attempts=-1), so this returns once connected.
@@ -72,10 +85,14 @@ class Backends:
                 # The api publishes the first events; the log must exist before they are sent.
                 await ensure_event_stream(self.broker)
                 kv = await open_bucket(self.broker, subjects.DEPLOYMENTS_BUCKET)
+                namespaces = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
+                node_controls = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)
                 break
             except _NATS_ERRORS as exc:
                 log.warning("cannot open JetStream state yet, retrying: %r", exc)
                 await asyncio.sleep(retry_seconds)
+        self._namespaces = NamespaceStore(namespaces)
+        self._node_controls = NodeControlStore(node_controls)
         self._store = DeploymentStore(kv)
         log.info("connected to NATS at %s", self.settings.nats.url)
 

@@ -21,6 +21,7 @@ from comp_common.observed import ObservedStore, connect
 from comp_common.telemetry import setup_tracing
 
 from .backends import Backends, DependencyUnavailable
+from .control_routes import router as control_router
 from .routes import manifest_schemas, router
 from .settings import ApiSettings
 from .tracing import RequestTracingMiddleware
@@ -58,6 +59,7 @@ def create_app(
     )
     app.state.backends = backends
     app.include_router(router)
+    app.include_router(control_router)
     app.add_middleware(RequestTracingMiddleware, tracer_provider=tracer_provider)
 
     @app.exception_handler(DependencyUnavailable)

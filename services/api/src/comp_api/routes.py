@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from comp_common import subjects
 from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, parse_deployments
 from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, TaskStatus
+from comp_common.quota import quota_violations, usage_after_apply
 from comp_common.telemetry import current_trace_id
 
 from .backends import NATS, REDIS, Backends, DependencyUnavailable
@@ -84,6 +85,7 @@ async def healthz(backends: BackendsDep) -> JSONResponse:
     response_model=ApplyResponse,
     openapi_extra=_MANIFEST_BODY,
     responses={
+        403: {"model": ErrorResponse, "description": "the apply would exceed a namespace quota; nothing was stored"},
         409: {"model": ErrorResponse, "description": "the deployment kept changing concurrently"},
         413: {"model": ErrorResponse, "description": "the body is larger than max_body_bytes"},
         422: {"model": ManifestErrorResponse, "description": "the manifest is invalid; nothing was stored"},
@@ -97,6 +99,9 @@ async def apply(request: Request, backends: BackendsDep) -> Any:
     except ManifestError as exc:
         return JSONResponse(ManifestErrorResponse(errors=exc.errors).model_dump(), status_code=422)
     store = backends.deployments()
+    refusal = await _quota_refusal(backends, deployments)
+    if refusal:
+        return JSONResponse({"detail": refusal}, status_code=403)
     results = []
     for deployment in deployments:
         async with backends.calling(NATS):
@@ -191,6 +196,22 @@ async def list_nodes(backends: BackendsDep) -> list[NodeInfo]:
 
 
 # ---- helpers ------------------------------------------------------------------------
+
+
+async def _quota_refusal(backends: Backends, deployments: list[Deployment]) -> str | None:
+    """Why this apply would exceed a namespace's quota, or None when it fits."""
+    problems = []
+    for namespace in sorted({d.metadata.namespace for d in deployments}):
+        async with backends.calling(NATS):
+            record = await backends.namespaces().get(namespace)
+            if record is None:
+                continue
+            existing = [s.deployment for s in await backends.deployments().list(namespace)]
+        usage = usage_after_apply(existing, [d for d in deployments if d.metadata.namespace == namespace])
+        violations = quota_violations(record.quota, usage)
+        if violations:
+            problems.append(f"namespace {namespace} quota exceeded: " + "; ".join(violations))
+    return "; ".join(problems) + "; nothing was applied" if problems else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
