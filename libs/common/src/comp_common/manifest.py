@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .quantities import parse_cpu, parse_memory
 
@@ -22,7 +23,12 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 DEFAULT_CPU = 0.1
 DEFAULT_MEMORY = 128 * 1024**2
 
+# Node label keys as agents publish them: "zone", "comp.io/gpu", "topology.kubernetes.io/zone".
+LABEL_KEY = r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$"
+MAX_PRIORITY = 1_000_000
+
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=253, pattern=LABEL_KEY)]
 
 
 def _env_value(value: Any) -> str:
@@ -38,6 +44,18 @@ def _env_value(value: Any) -> str:
 
 
 EnvValue = Annotated[str, BeforeValidator(_env_value)]
+
+
+def _label_value(value: Any) -> str:
+    # `value: 3` in YAML is a number; node labels are strings, so compare as the user wrote it.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    raise ValueError(f"label values must be strings or numbers, not {type(value).__name__}")
+
+
+LabelValue = Annotated[str, BeforeValidator(_label_value)]
 
 
 class _Strict(BaseModel):
@@ -83,6 +101,93 @@ class Port(_Strict):
     name: Name | None = None
 
 
+ConstraintOp = Literal["=", "!=", "in", "not_in", "exists", "not_exists"]
+
+
+class LabelExpression(_Strict):
+    """A test on one node label: ``zone = b``, ``zone in (a, b)``, ``gpu exists``."""
+
+    label: LabelKey
+    op: ConstraintOp = "="
+    value: LabelValue | None = None
+    values: list[LabelValue] | None = None
+
+    @model_validator(mode="after")
+    def _operands_match_op(self) -> "LabelExpression":
+        if self.op in ("=", "!="):
+            if self.value is None or self.values is not None:
+                raise ValueError(f"op '{self.op}' takes one 'value' (and no 'values')")
+        elif self.op in ("in", "not_in"):
+            if not self.values or self.value is not None:
+                raise ValueError(f"op '{self.op}' takes 'values', a non-empty list (and no 'value')")
+        elif self.value is not None or self.values is not None:
+            raise ValueError(f"op '{self.op}' takes no 'value' or 'values'")
+        return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        found = labels.get(self.label)
+        op = self.op
+        if op == "=":
+            return found == self.value
+        if op == "!=":
+            # A node without the label is not equal to the value (as Nomad and Kubernetes read it).
+            return found != self.value
+        if op == "in":
+            return found is not None and found in self.values  # type: ignore[operator]
+        if op == "not_in":
+            return found is None or found not in self.values  # type: ignore[operator]
+        if op == "exists":
+            return found is not None
+        return found is None
+
+    def __str__(self) -> str:
+        if self.op in ("=", "!="):
+            return f"{self.label}{self.op}{self.value}"
+        if self.op in ("in", "not_in"):
+            return f"{self.label} {self.op.replace('_', ' ')} ({', '.join(self.values or ())})"
+        return f"{self.label} {'exists' if self.op == 'exists' else 'does not exist'}"
+
+
+class Constraint(LabelExpression):
+    """A hard rule: a node whose labels fail it is never chosen."""
+
+
+class Preference(LabelExpression):
+    """A soft rule: nodes whose labels pass it score higher, by ``weight`` against the others."""
+
+    weight: int = Field(default=1, ge=1, le=100)
+
+
+class Toleration(_Strict):
+    """Allows nodes with a matching taint; ``value`` left out matches any value of ``key``."""
+
+    key: LabelKey
+    value: LabelValue | None = None
+    effect: Literal["NoSchedule"] = "NoSchedule"
+
+    def tolerates(self, key: str, value: str, effect: str) -> bool:
+        return self.key == key and self.effect == effect and (self.value is None or self.value == value)
+
+
+class Placement(_Strict):
+    """Where replicas may run (``constraints``, ``tolerations``, ``max_per_node``) and
+    where they would rather run (``spread_by``, ``strategy``, ``affinity``)."""
+
+    constraints: list[Constraint] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    # Spread replicas evenly over the values of this node label (e.g. zone).
+    spread_by: LabelKey | None = None
+    # None: the cluster's default strategy (COMP_SCHEDULER__DEFAULT_STRATEGY).
+    strategy: Literal["spread", "binpack"] | None = None
+    affinity: list[Preference] = Field(default_factory=list)
+    # Hard anti-affinity: at most this many replicas of the deployment on one node.
+    max_per_node: int | None = Field(default=None, ge=1)
+
+    def hard_rules(self) -> dict[str, Any]:
+        """The parts that decide which nodes may run a replica (the rest only rank them)."""
+        return self.model_dump(mode="json", include={"constraints", "tolerations", "max_per_node"})
+
+
 class DeploymentSpec(_Strict):
     replicas: int = Field(default=1, ge=0, le=100_000)
     image: str = Field(min_length=1, max_length=512)
@@ -91,6 +196,9 @@ class DeploymentSpec(_Strict):
     env: dict[str, EnvValue] = Field(default_factory=dict)
     resources: Resources = Resources()
     ports: list[Port] = Field(default_factory=list)
+    placement: Placement = Placement()
+    # A replica that cannot fit may stop replicas of lower priority to make room.
+    priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
     @field_validator("image")
     @classmethod
@@ -111,11 +219,18 @@ class DeploymentSpec(_Strict):
         return ports
 
     def task_hash(self) -> str:
-        """Identity of what a replica runs; replicas are replaced when it changes.
+        """Identity of what a replica runs and where it may run; replicas are replaced when it changes.
 
-        ``replicas`` is left out: scaling must not restart anything.
+        ``replicas`` is left out: scaling must not restart anything; so is ``priority``, and so
+        are the soft placement preferences, which only rank nodes for new replicas.  The hard
+        placement rules are in, as Nomad treats a constraint change, so that replicas move
+        off nodes they may no longer use; they are added only when set, so a deployment
+        without them keeps the identity it had before placement rules existed.
         """
-        body = self.model_dump(mode="json", exclude={"replicas"})
+        body = self.model_dump(mode="json", exclude={"replicas", "priority", "placement"})
+        hard = {k: v for k, v in self.placement.hard_rules().items() if v}
+        if hard:
+            body["placement"] = hard
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,6 +274,11 @@ def _message(error: dict[str, Any]) -> str:
         # pydantic would show the regular expression; say what it means instead.
         return (
             f"{error['input']!r} is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == LABEL_KEY:
+        return (
+            f"{error['input']!r} is not a valid label key: use letters, digits, '-', '_', '.' and '/', "
             "starting and ending with a letter or digit"
         )
     msg = str(error["msg"])

@@ -23,6 +23,18 @@ class NodeStatus(StrEnum):
     DOWN = "down"
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Taint:
+    """New replicas stay off a node with a taint their deployment does not tolerate."""
+
+    key: str
+    value: str = ""
+    effect: str = "NoSchedule"
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}:{self.effect}" if self.value else f"{self.key}:{self.effect}"
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     node_id: str
@@ -30,6 +42,11 @@ class Node:
     cpu: float
     memory: int
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    taints: frozenset[Taint] = frozenset()
+    # Set by an operator: nothing new is placed on a cordoned node; a draining node is also
+    # cordoned, and its tasks move elsewhere, each stopped once its replacement runs.
+    cordoned: bool = False
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +89,8 @@ class Place:
     deployment: str
     node_id: str
     reason: str
+    # Each scorer's part of the chosen node's score, by scorer name, in [0, 1] before weights.
+    scores: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +106,8 @@ class Pending:
     deployment: str
     count: int
     reason: str
+    # Filter reason -> how many nodes it rejected, most first; the exact counts behind ``reason``.
+    rejections: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 No I/O, no clock, no global randomness: the same inputs and seed give the same plan.
 Stops are decided before placements so that freed room is usable in the same round.
+Deployments are placed highest priority first; one that cannot fit may preempt (stop)
+tasks of strictly lower priority, each such stop saying by whom and why.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Mapping
 from comp_common.messages import TaskState
 
 from .model import Desired, Node, NodeStatus, Observed, Pending, Place, Plan, Stop, Task
-from .placement import DEFAULT_FILTERS, DEFAULT_SCORERS, Filter, Placer, Request, Scorer, Usage
+from .placement import DEFAULT_STRATEGY, Placer, Request, Resident, Usage
 
 # When scaling down, tasks that are not doing useful work go first, then the newest.
 _STOP_PREFERENCE = {
@@ -35,9 +37,12 @@ def reconcile(
     observed: Observed,
     now: float,
     rng: random.Random,
-    filters: tuple[Filter, ...] = DEFAULT_FILTERS,
-    scorers: tuple[Scorer, ...] = DEFAULT_SCORERS,
+    default_strategy: str = DEFAULT_STRATEGY,
 ) -> Plan:
+    """Stops, then placements in priority order (highest first, then by key).
+
+    ``default_strategy`` ranks nodes for deployments that do not name a strategy.
+    """
     stops: list[Stop] = []
     kept: dict[str, list[Task]] = defaultdict(list)
     # Tasks on down nodes may well still be running: each is given up only once a
@@ -58,6 +63,19 @@ def reconcile(
         else:
             kept[task.deployment].append(task)
 
+    def on_draining_node(task: Task) -> bool:
+        node = observed.nodes.get(task.node_id)
+        return node is not None and node.draining
+
+    # Draining: a task on a draining node keeps serving but is not counted, so a replacement
+    # is placed elsewhere; it is stopped only once enough replacements run that the
+    # deployment never drops below its replica count (scaling down included).
+    leaving: dict[str, list[Task]] = defaultdict(list)
+    for key in list(kept):
+        if any(on_draining_node(t) for t in kept[key]):
+            leaving[key] = [t for t in kept[key] if on_draining_node(t)]
+            kept[key] = [t for t in kept[key] if not on_draining_node(t)]
+
     for key in sorted(desired):
         want = desired[key]
         tasks = kept.get(key, [])
@@ -67,37 +85,89 @@ def reconcile(
             for task in tasks[:extra]:
                 stops.append(Stop(task.task_id, key, task.node_id, f"scaled down to {want.spec.replicas}"))
             kept[key] = tasks[extra:]
+        if key in leaving:
+            running_elsewhere = sum(t.state is TaskState.RUNNING for t in kept.get(key, []))
+            can_stop = running_elsewhere + len(leaving[key]) - want.spec.replicas
+            for task in sorted(leaving[key], key=lambda t: (_STOP_PREFERENCE.get(t.state, 0), t.task_id))[: max(0, can_stop)]:
+                stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is draining; replacements run elsewhere"))
 
+    missing_any = any(want.spec.replicas > len(kept.get(key, ())) for key, want in desired.items())
+    if not missing_any:
+        # Converged: the common round. Nothing to place, so no ledger and no placer to build;
+        # what is lost is all surplus.
+        for key in sorted(lost, key=lambda k: (-desired[k].spec.priority, k)):
+            for task in lost[key]:
+                stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is down; not needed"))
+        return Plan(stops=tuple(stops))
+
+    requests = {key: Request.of(want) for key, want in desired.items()}
+    priorities = [r.priority for r in requests.values()]
+    lowest_priority, highest_priority = min(priorities), max(priorities)
     usage = Usage()
-    for tasks in kept.values():
+    # What preemption may stop: node -> task id -> the task as a request at its deployment's
+    # priority.  Only tasks kept from earlier rounds: one placed in this round is of a
+    # priority at least that of every deployment placed after it.
+    residents: dict[str, dict[str, Resident]] = defaultdict(dict)
+    preemption_possible = lowest_priority < highest_priority
+    running = {key: len(tasks) for key, tasks in kept.items()}
+    for key, tasks in kept.items():
+        wanted = requests[key]
         for task in tasks:
-            usage.add(task.node_id, Request(task.deployment, task.cpu, task.memory, task.host_ports))
-    placer = Placer(list(observed.nodes.values()), usage, filters, scorers)
+            request = wanted
+            if (task.cpu, task.memory, task.host_ports) != (wanted.cpu, wanted.memory, wanted.host_ports):
+                # The same spec hash means the same needs, but the ledger holds what the task has.
+                request = Request(key, task.cpu, task.memory, task.host_ports, wanted.placement, wanted.priority)
+            usage.add(task.node_id, request)
+            if preemption_possible:
+                residents[task.node_id][task.task_id] = Resident(task.task_id, request)
+    placer = Placer(list(observed.nodes.values()), usage, default_strategy)
 
     places: list[Place] = []
     pending: list[Pending] = []
-    for key in sorted(desired):
+    # Highest priority first: what it takes is not there for lower ones, and anything it
+    # preempts is of a deployment still to come in this round, which may re-place it.
+    for key in sorted(desired, key=lambda k: (-requests[k].priority, k)):
         want = desired[key]
-        missing = want.spec.replicas - len(kept.get(key, []))
+        request = requests[key]
+        missing = want.spec.replicas - running.get(key, 0)
         orphans = lost.get(key, [])
         # Lost tasks beyond what is missing are surplus whatever happens.
         for task in orphans[max(missing, 0):]:
             stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is down; not needed"))
         orphans = orphans[: max(missing, 0)]
-        request = Request(key, want.spec.resources.cpu, want.spec.resources.memory, want.host_ports)
-        for placed in range(max(missing, 0)):
-            decision = placer.place(request)
+        if missing <= 0:
+            continue
+        session = placer.session(request)
+        # Preemption needs someone of lower priority to stop; none is lower than the lowest.
+        preemptible = request.priority > lowest_priority
+        for placed in range(missing):
+            decision = session.place()
+            victims: tuple[Resident, ...] = ()
+            if decision.node_id is None and preemptible:
+                preemption = session.preempt(residents)
+                if preemption is not None:
+                    decision, victims = preemption.decision, preemption.victims
             if decision.node_id is None:
                 reason = decision.reason
+                if preemptible and decision.rejections:
+                    reason += "; stopping lower-priority tasks would not make room"
                 if orphans:
                     reason += f"; keeping {len(orphans)} task(s) on down nodes until they can be replaced"
-                pending.append(Pending(key, missing - placed, reason))
+                pending.append(Pending(key, missing - placed, reason, decision.rejections))
                 break
+            node_id = decision.node_id
             task_id = new_task_id(want.name, rng)
+            for victim in victims:
+                loser = victim.request
+                stops.append(
+                    Stop(victim.task_id, loser.deployment, node_id, f"preempted by {key} (priority {request.priority} > {loser.priority})")
+                )
+                del residents[node_id][victim.task_id]
+                running[loser.deployment] -= 1
             if orphans:
                 orphan = orphans.pop(0)
                 stops.append(Stop(orphan.task_id, key, orphan.node_id, f"node {orphan.node_id} is down; replaced by {task_id}"))
-            places.append(Place(task_id, key, decision.node_id, decision.reason))
+            places.append(Place(task_id, key, node_id, decision.reason, decision.parts))
 
     return Plan(places=tuple(places), stops=tuple(stops), pending=tuple(pending))
 
