@@ -71,6 +71,7 @@ def reconcile(
     # is placed elsewhere; it is stopped only once enough replacements run that the
     # deployment never drops below its replica count (scaling down included).
     leaving: dict[str, list[Task]] = defaultdict(list)
+    still_serving: dict[str, int] = defaultdict(int)  # tasks left running on draining nodes
     for key in list(kept):
         if any(on_draining_node(t) for t in kept[key]):
             leaving[key] = [t for t in kept[key] if on_draining_node(t)]
@@ -90,6 +91,7 @@ def reconcile(
             can_stop = running_elsewhere + len(leaving[key]) - want.spec.replicas
             for task in sorted(leaving[key], key=lambda t: (_STOP_PREFERENCE.get(t.state, 0), t.task_id))[: max(0, can_stop)]:
                 stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is draining; replacements run elsewhere"))
+            still_serving[key] = len(leaving[key]) - max(0, can_stop)
 
     missing_any = any(want.spec.replicas > len(kept.get(key, ())) for key, want in desired.items())
     if not missing_any:
@@ -131,10 +133,12 @@ def reconcile(
         request = requests[key]
         missing = want.spec.replicas - running.get(key, 0)
         orphans = lost.get(key, [])
-        # Lost tasks beyond what is missing are surplus whatever happens.
-        for task in orphans[max(missing, 0):]:
+        # Lost tasks beyond what is missing are surplus whatever happens; so are those that
+        # tasks still serving on draining nodes already stand in for.
+        keep_orphans = max(missing - still_serving.get(key, 0), 0)
+        for task in orphans[keep_orphans:]:
             stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is down; not needed"))
-        orphans = orphans[: max(missing, 0)]
+        orphans = orphans[:keep_orphans]
         if missing <= 0:
             continue
         session = placer.session(request)
