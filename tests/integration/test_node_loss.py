@@ -86,3 +86,40 @@ def test_sigkilled_agent_tasks_move_and_duplicates_go_when_it_returns(two_nodes,
     wait_until(lambda: len(container_ids()) == 4, timeout=30, what="the returning node stops its stale copies")
     assert {t["task_id"] for t in running_on()} == {t["task_id"] for t in after}
     assert all(t["node_id"] == survivor for t in tasks())
+
+
+def test_drain_moves_tasks_without_dropping_below_the_replica_count(two_nodes, docker_client, busybox_image):
+    api = two_nodes.config.api_url
+    draining, other = two_nodes.config.node_ids()
+
+    def running() -> list[dict]:
+        return [t for t in httpx.get(f"{api}/v1/tasks", timeout=10).json()
+                if t["deployment"] == "default.sleepers" and t["state"] == "running"]
+
+    assert httpx.post(f"{api}/v1/apply", content=MANIFEST % busybox_image, timeout=30).status_code == 200
+    wait_until(lambda: len(running()) == 4, what="4 running")
+    assert {t["node_id"] for t in running()} == {draining, other}
+
+    response = httpx.post(f"{api}/v1/nodes/{draining}/drain", timeout=10)
+    assert response.status_code == 200 and response.json()["draining"] is True
+    lowest = 4
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        now_running = running()
+        lowest = min(lowest, len(now_running))
+        if len(now_running) == 4 and all(t["node_id"] == other for t in now_running):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"drain did not finish: {running()}")
+    assert lowest >= 4, "a drain must never leave fewer than the desired replicas running"
+    wait_until(
+        lambda: not docker_client.api.containers(
+            filters={"label": [f"{labels.CLUSTER}={two_nodes.config.cluster}", f"{labels.NODE}={draining}"]}
+        ),
+        timeout=30, what="no containers left on the drained node",
+    )
+    # Cordoned: a scale-up goes to the other node only.
+    assert httpx.post(f"{api}/v1/apply", content=(MANIFEST % busybox_image).replace("replicas: 4", "replicas: 6"), timeout=30).status_code == 200
+    wait_until(lambda: len(running()) == 6, what="6 running")
+    assert {t["node_id"] for t in running()} == {other}

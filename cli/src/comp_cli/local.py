@@ -77,6 +77,8 @@ class ClusterConfig:
     grace_seconds: float = 3.0
     span_file: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Scheduler processes: one leads, the others stand by hot (see comp_scheduler.leader).
+    schedulers: int = 1
 
     @property
     def nats_url(self) -> str:
@@ -92,6 +94,10 @@ class ClusterConfig:
 
     def node_ids(self) -> list[str]:
         return [f"{self.cluster}-node-{i}" for i in range(1, self.nodes + 1)]
+
+    def scheduler_names(self) -> list[str]:
+        """Process names of the schedulers: ``scheduler``, ``scheduler-2``, ..."""
+        return ["scheduler"] + [f"scheduler-{i}" for i in range(2, self.schedulers + 1)]
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -178,9 +184,15 @@ class LocalCluster:
         )
         wait_for_port(c.redis_port, 15, "redis-server", proc, self.logs / "redis.log")
 
-    def start_service(self, name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = self._spawn(name, [_bin(f"comp-{name}")], self.env(extra_env))
-        if name == "api":
+    def start_service(self, service: str, extra_env: dict[str, str] | None = None, name: str | None = None) -> subprocess.Popen:
+        """Start ``comp-<service>`` as the process ``name`` (its log, pid file and, for a
+        scheduler, its instance name in the leadership lease); ``name`` defaults to ``service``."""
+        name = name or service
+        env = dict(extra_env or {})
+        if service == "scheduler":
+            env.setdefault("COMP_SCHEDULER__INSTANCE", name)
+        proc = self._spawn(name, [_bin(f"comp-{service}")], self.env(env))
+        if service == "api":
             self.wait_api(proc)
         return proc
 
@@ -223,7 +235,11 @@ class LocalCluster:
             self.start_nats()
             self.start_redis()
             for service in SERVICES:
-                self.start_service(service)
+                if service == "scheduler":
+                    for name in self.config.scheduler_names():
+                        self.start_service(service, name=name)
+                else:
+                    self.start_service(service)
             for node_id in self.config.node_ids():
                 self.start_agent(node_id)
             self.wait_nodes()
@@ -271,7 +287,7 @@ class LocalCluster:
     def stop(self, purge_workloads: bool = True) -> None:
         names = list(self.running())
         # Agents and services first, so nothing reacts to the workload going away.
-        for name in [n for n in names if n.startswith("nodeagent-")] + [n for n in names if n in SERVICES]:
+        for name in [n for n in names if n.startswith("nodeagent-")] + [n for n in names if _service_of(n) in SERVICES]:
             self.kill(name)
         if purge_workloads:
             remove_cluster_containers(self.config.cluster)
@@ -287,6 +303,12 @@ class LocalCluster:
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
+
+
+def _service_of(process_name: str) -> str:
+    """``scheduler-2`` -> ``scheduler``; other names are their own service."""
+    base, _, suffix = process_name.rpartition("-")
+    return base if base in SERVICES and suffix.isdigit() else process_name
 
 
 def _alive(pid: int, proc: subprocess.Popen | None) -> bool:

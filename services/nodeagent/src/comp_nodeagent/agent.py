@@ -161,6 +161,9 @@ class Agent:
         self.started_at = time.time()
         self.capacity = Capacity(cpu=0.0, memory=0)
         self._desired: dict[str, TaskSpec] = {}
+        # The highest scheduler epoch whose assignments this agent accepted: a value with a
+        # lower one comes from a deposed leader and is refused.
+        self._epoch = 0
         self._statuses: dict[str, TaskStatus] = {}
         self._restarts: dict[str, int] = {}
         self._failures: dict[str, int] = {}  # consecutive failed starts or short runs
@@ -268,7 +271,16 @@ class Agent:
             if assignments is not None and assignments.node_id != self.node_id:
                 log.error("assignments are for another node; ignored", extra={"for_node": assignments.node_id})
                 return
-            self._desired = {task.task_id: task for task in (assignments.tasks if assignments else [])}
+            if assignments is not None and assignments.epoch < self._epoch:
+                # Written by a scheduler that has since lost its lease: keep what we have.
+                log.warning(
+                    "assignments from an older scheduler epoch; ignored",
+                    extra={"epoch": assignments.epoch, "accepted_epoch": self._epoch, "version": assignments.version},
+                )
+            else:
+                if assignments is not None:
+                    self._epoch = assignments.epoch
+                self._desired = {task.task_id: task for task in (assignments.tasks if assignments else [])}
             try:
                 actual = await self.driver.list_tasks()
             except Exception:

@@ -3,6 +3,12 @@
 New assignments are written per node with compare-and-set, then the node is nudged.
 The nudge and the placement events are published inside the caller's span, so they
 carry the trace of the operation that caused them.
+
+Fencing: only the leader writes.  Leadership is checked right before every KV write,
+and every value written carries the leader's epoch.  A value found at a revision this
+scheduler did not write is judged by its epoch: a newer one means this scheduler has
+been deposed (stop); an older one is the late write of a deposed leader, which is void
+(overwritten with this leader's own view, which agents accept since its epoch is newer).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 
 from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
@@ -23,6 +30,13 @@ from .state import ClusterState
 
 log = logging.getLogger("scheduler.applier")
 _CAS_ATTEMPTS = 5
+
+# This scheduler's fencing epoch while it leads, None while it does not.
+EpochSource = Callable[[], "int | None"]
+
+
+class NotLeader(RuntimeError):
+    """This scheduler does not, or no longer, lead: it must not write."""
 
 
 def task_spec(place: Place, record: DeploymentRecord, now: float) -> TaskSpec:
@@ -47,10 +61,17 @@ def task_spec(place: Place, record: DeploymentRecord, now: float) -> TaskSpec:
 
 
 class Applier:
-    def __init__(self, state: ClusterState, assignments: KeyValue, broker: NatsBroker):
+    def __init__(self, state: ClusterState, assignments: KeyValue, broker: NatsBroker, epoch: EpochSource):
         self.state = state
         self.kv = assignments
         self.broker = broker
+        self._epoch = epoch
+
+    def _require_epoch(self) -> int:
+        epoch = self._epoch()
+        if epoch is None:
+            raise NotLeader("not the leader")
+        return epoch
 
     async def apply(self, plan: Plan, now: float) -> None:
         adds: dict[str, list[TaskSpec]] = defaultdict(list)
@@ -65,30 +86,67 @@ class Applier:
             *(self._write_node(n, adds.get(n, []), removes.get(n, set()), now) for n in nodes), return_exceptions=True
         )
         written = []
+        deposed = False
         for node_id, result in zip(nodes, results):
-            if isinstance(result, BaseException):
+            if isinstance(result, NotLeader):
+                deposed = True
+            elif isinstance(result, BaseException):
                 # The next round starts again from what is in the bucket; nothing is half-applied
                 # per node because each node's assignments are one value.
                 log.error("could not write assignments", extra={"node": node_id, "error": repr(result)})
             else:
                 written.append(node_id)
+        if deposed:
+            log.warning("stopped applying: no longer the leader", extra={"written": len(written), "nodes": len(nodes)})
 
         await asyncio.gather(*(self._nudge(n) for n in written))
         await self._publish_decisions(plan, set(written))
 
+    async def restamp(self, node_ids: Iterable[str]) -> list[str]:
+        """Write each node's assignments again, unchanged but for this leader's epoch, and nudge.
+
+        Run on becoming leader: once every node's value carries the new epoch, its agent
+        refuses anything a deposed leader might still write.  Also repairs a value that
+        differs from this leader's view (see the module docstring).  Returns the nodes written.
+        """
+        nodes = sorted(node_ids)
+        now = 0.0  # no task is added, so no status is stamped with it
+        results = await asyncio.gather(*(self._write_node(n, [], set(), now) for n in nodes), return_exceptions=True)
+        written = [n for n, r in zip(nodes, results) if not isinstance(r, BaseException)]
+        for node_id, result in zip(nodes, results):
+            if isinstance(result, BaseException) and not isinstance(result, NotLeader):
+                log.error("could not restamp assignments", extra={"node": node_id, "error": repr(result)})
+        await asyncio.gather(*(self._nudge(n) for n in written))
+        return written
+
     async def _write_node(self, node_id: str, adds: list[TaskSpec], removes: set[str], now: float) -> None:
-        current, revision = self.state.assignments.get(node_id, (NodeAssignments(node_id=node_id), None))
+        mine = self.state.assignments.get(node_id, (NodeAssignments(node_id=node_id), None))
+        current, revision = mine
         for _ in range(_CAS_ATTEMPTS):
+            epoch = self._require_epoch()  # right before the write: a deposed leader stops here
             tasks = [t for t in current.tasks if t.task_id not in removes]
             have = {t.task_id for t in tasks}
             tasks += [t for t in adds if t.task_id not in have]
-            updated = NodeAssignments(node_id=node_id, version=current.version + 1, tasks=tasks)
+            updated = NodeAssignments(node_id=node_id, version=current.version + 1, tasks=tasks, epoch=epoch)
             try:
                 new_revision = await put_model(self.kv, node_id, updated, revision)
             except ConflictError:
-                # Someone else wrote this node's key (another scheduler, an operator): start from theirs.
+                # Someone else wrote this node's key since we read it: judge it by its epoch.
                 found = await get_model(self.kv, node_id, NodeAssignments)
-                current, revision = found if found else (NodeAssignments(node_id=node_id), None)
+                if found is None:
+                    current, revision = mine[0], None
+                elif found[0].epoch > epoch:
+                    raise NotLeader(f"assignments of {node_id} were written at epoch {found[0].epoch} > ours {epoch}")
+                elif found[0].epoch < epoch:
+                    # A deposed leader's late write: void. Ours goes over it, at its revision.
+                    log.warning(
+                        "overwriting assignments written by a deposed leader",
+                        extra={"node": node_id, "their_epoch": found[0].epoch, "epoch": epoch},
+                    )
+                    version = max(mine[0].version, found[0].version)
+                    current, revision = mine[0].model_copy(update={"version": version}), found[1]
+                else:
+                    current, revision = found  # ours, from a write whose answer we missed
                 continue
             self.state.assignments[node_id] = (updated, new_revision)
             for spec in adds:
@@ -102,8 +160,8 @@ class Applier:
         raise ConflictError(f"assignments of {node_id} kept changing under {_CAS_ATTEMPTS} attempts")
 
     async def _nudge(self, node_id: str) -> None:
-        version = self.state.assignments[node_id][0].version
-        await self.broker.publish(Nudge(node_id=node_id, version=version), subjects.node_nudge(node_id))
+        value = self.state.assignments[node_id][0]
+        await self.broker.publish(Nudge(node_id=node_id, version=value.version, epoch=value.epoch), subjects.node_nudge(node_id))
 
     async def _publish_decisions(self, plan: Plan, written: set[str]) -> None:
         events: dict[str, PlacementEvent] = {}
@@ -120,6 +178,7 @@ class Applier:
         for pending in plan.pending:
             e = event(pending.deployment)
             e.pending, e.pending_reason = pending.count, pending.reason
+            e.rejections = dict(pending.rejections)
         for key, e in events.items():
             namespace, name = key.split(".", 1)
             await self.broker.publish(e, subjects.placement_event(namespace, name))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from faststream.nats import NatsRouter
 
 from comp_common import subjects
-from comp_common.messages import DeploymentEvent, Heartbeat, TaskStatus
+from comp_common.messages import ControlEvent, DeploymentEvent, Heartbeat, TaskStatus
 
 from .service import Scheduler
 
@@ -24,6 +24,10 @@ def build_router(scheduler: Scheduler) -> NatsRouter:
     @router.subscriber(subjects.NODE_HEARTBEATS)
     async def heartbeat(hb: Heartbeat) -> None:
         scheduler.on_heartbeat(hb)
+
+    @router.subscriber(subjects.CONTROL_EVENTS)
+    async def control_changed(event: ControlEvent) -> None:
+        await scheduler.on_control_event(event)
 
     @router.subscriber(subjects.TASK_EVENTS)
     async def task_status(status: TaskStatus) -> None:

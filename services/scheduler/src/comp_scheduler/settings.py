@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 from comp_common.settings import CommonSettings
@@ -14,6 +16,14 @@ class SchedulerGroup(BaseModel):
     flush_seconds: float = 0.25
     # Seed for task ids; None draws one from the OS.
     seed: int | None = None
+    # How nodes are ranked for a deployment that names no placement.strategy: spread | binpack.
+    default_strategy: Literal["spread", "binpack"] = "spread"
+    # Leadership: a leader that has not renewed its lease for this long is replaced by a
+    # standby; it renews every renew_seconds (a third of the lease by default).
+    lease_seconds: float = 2.0
+    renew_seconds: float | None = None
+    # This instance's name in the lease record and logs (the host name by default).
+    instance: str | None = None
 
 
 class SchedulerSettings(CommonSettings):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from comp_common.messages import DeploymentRecord, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
+from comp_common.messages import NodeControl, DeploymentRecord, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
 from comp_common.observed import DeploymentStatus, NodeRecord
 
-from .model import Desired, Node, NodeStatus, Observed, Task
+from .model import Desired, Node, NodeStatus, Observed, Taint, Task
 from .reconcile import node_status
 
 
@@ -30,6 +31,8 @@ class ClusterState:
     # Removed from assignments; kept visible until its node confirms it is gone.
     stopping: dict[str, str] = field(default_factory=dict)
     pending_reasons: dict[str, str] = field(default_factory=dict)
+    # What operators asked of nodes (cordon, drain), from the node-controls bucket.
+    node_controls: dict[str, NodeControl] = field(default_factory=dict)
 
     # ---- inputs --------------------------------------------------------------------
     def load_assignments(self, node_id: str, value: NodeAssignments, revision: int | None, now: float) -> None:
@@ -37,6 +40,24 @@ class ClusterState:
         self.nodes.setdefault(node_id, NodeEntry(known_since=now))
         for spec in value.tasks:
             self.statuses.setdefault(spec.task_id, _pending(spec, node_id, now))
+
+    def replace_assignments(self, found: Mapping[str, tuple[NodeAssignments, int]], now: float) -> None:
+        """Take every node's assignments as the bucket holds them: another scheduler may have
+        written them since this one last looked (it is becoming leader, or standing by).
+
+        A task this state knew that is no longer assigned anywhere is kept visible as
+        stopping until its node confirms it gone, as if this scheduler had removed it.
+        """
+        for node_id in set(self.assignments) - set(found):
+            del self.assignments[node_id]
+        for node_id, (value, revision) in found.items():
+            self.load_assignments(node_id, value, revision, now)
+        assigned = {spec.task_id for value, _ in self.assignments.values() for spec in value.tasks}
+        for task_id in [t for t in self.stopping if t in assigned]:
+            del self.stopping[task_id]
+        for task_id, status in self.statuses.items():
+            if task_id not in assigned and task_id not in self.stopping:
+                self.stopping[task_id] = status.node_id
 
     def record_heartbeat(self, hb: Heartbeat, now: float) -> tuple[bool, list[TaskStatus], list[str]]:
         """Returns (node became ready, statuses that changed, stopping tasks now gone)."""
@@ -93,6 +114,9 @@ class ClusterState:
         found = self.assignments.get(node_id)
         return {t.task_id for t in found[0].tasks} if found else set()
 
+    def draining_nodes(self) -> set[str]:
+        return {node_id for node_id, control in self.node_controls.items() if control.draining}
+
     def desired_view(self) -> dict[str, Desired]:
         return {
             key: Desired(
@@ -115,6 +139,9 @@ class ClusterState:
                 cpu=record.capacity.cpu if record else 0.0,
                 memory=record.capacity.memory if record else 0,
                 labels=MappingProxyType(dict(record.labels)) if record else MappingProxyType({}),
+                taints=frozenset(Taint(t.key, t.value, t.effect) for t in record.taints) if record else frozenset(),
+                cordoned=control.cordoned if (control := self.node_controls.get(node_id)) else False,
+                draining=control.draining if control else False,
             )
         tasks = {}
         for node_id, (value, _) in self.assignments.items():
