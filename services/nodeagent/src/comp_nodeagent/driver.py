@@ -93,7 +93,16 @@ def _docker(settings: NodeAgentSettings) -> RuntimeDriver:
     )
 
 
-DRIVERS: dict[str, Callable[[NodeAgentSettings], RuntimeDriver]] = {"docker": _docker}
+def _hollow(settings: NodeAgentSettings) -> RuntimeDriver:
+    from .hollow_driver import HollowDriver
+
+    group = settings.nodeagent
+    # Its "engine" reports the default size; COMP_NODEAGENT__CPU / __MEMORY override it in
+    # the agent, as they do for a real engine.
+    return HollowDriver(group.node_id, start_seconds=group.hollow_start_seconds)
+
+
+DRIVERS: dict[str, Callable[[NodeAgentSettings], RuntimeDriver]] = {"docker": _docker, "hollow": _hollow}
 
 
 def make_driver(settings: NodeAgentSettings) -> RuntimeDriver:

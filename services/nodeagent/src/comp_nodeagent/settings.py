@@ -6,7 +6,7 @@ import re
 import socket
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from comp_common.manifest import DNS_LABEL
 from comp_common.quantities import parse_cpu, parse_memory
@@ -39,6 +39,11 @@ class NodeAgentGroup(BaseModel):
     address: str = "127.0.0.1"
     stop_grace_seconds: float = Field(default=10.0, ge=0)
     restart_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    # Agents in this process.  Above 1 (hollow driver only, for scale tests) the nodes are
+    # ``<node_id>-1`` ... ``<node_id>-<count>``, all sharing one NATS connection.
+    count: int = Field(default=1, ge=1)
+    # Simulated engine time to start one task, in the hollow driver.
+    hollow_start_seconds: float = Field(default=0.0, ge=0)
 
     @field_validator("node_id")
     @classmethod
@@ -46,6 +51,23 @@ class NodeAgentGroup(BaseModel):
         if not re.match(DNS_LABEL, value) or len(value) > 63:
             raise ValueError(f"node_id {value!r} must be a DNS label (lowercase letters, digits and '-')")
         return value
+
+    @model_validator(mode="after")
+    def _fleet(self) -> NodeAgentGroup:
+        if self.count > 1:
+            if self.driver != "hollow":
+                # N agents on one real engine would each report the whole host as theirs.
+                raise ValueError(f"count {self.count} needs the hollow driver (driver is {self.driver!r})")
+            longest = f"{self.node_id}-{self.count}"
+            if len(longest) > 63:
+                raise ValueError(f"node id {longest!r} would be longer than 63 characters; use a shorter node_id")
+        return self
+
+    def node_ids(self) -> list[str]:
+        """The ids of the nodes this process runs."""
+        if self.count == 1:
+            return [self.node_id]
+        return [f"{self.node_id}-{i}" for i in range(1, self.count + 1)]
 
     @field_validator("cpu", mode="before")
     @classmethod
