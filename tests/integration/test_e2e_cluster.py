@@ -15,6 +15,7 @@ import docker
 import httpx
 import nats
 import pytest
+from waiting import wait_until
 
 from comp_cli.local import ClusterConfig, LocalCluster, free_port
 from comp_common import labels, subjects
@@ -36,15 +37,6 @@ spec:
 """
 
 
-def wait_until(check, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from waiting import wait_until
 
 from comp_cli.local import ClusterConfig, LocalCluster, free_port
 from comp_common import labels
@@ -26,15 +27,6 @@ spec:
 """
 
 
-def wait_until(check, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture

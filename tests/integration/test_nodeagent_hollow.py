@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import nats
 import pytest
+from waiting import wait_until
 
 from comp_cli.local import ClusterConfig, LocalCluster, _bin, free_port
 from comp_common import subjects
@@ -31,15 +32,6 @@ spec:
 """
 
 
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture

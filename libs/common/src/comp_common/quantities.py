@@ -60,3 +60,12 @@ def format_memory(n_bytes: int) -> str:
         if n_bytes >= size:
             return f"{n_bytes // size}{unit}" if n_bytes % size == 0 else f"{n_bytes / size:.1f}{unit}"
     return str(n_bytes)
+
+
+def parse_optional_cpu(value: int | float | str | None) -> float | None:
+    """For settings and quotas where leaving a bound out means no bound."""
+    return None if value is None else parse_cpu(value)
+
+
+def parse_optional_memory(value: int | float | str | None) -> int | None:
+    return None if value is None else parse_memory(value)

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .manifest import Deployment
-from .quantities import format_memory, parse_cpu, parse_memory
+from .quantities import format_memory, parse_optional_cpu, parse_optional_memory
 
 
 class Quota(BaseModel):
@@ -21,15 +20,8 @@ class Quota(BaseModel):
     memory: int | None = Field(default=None, description="bytes, or a quantity like '8Gi'")
     tasks: int | None = Field(default=None, ge=0)
 
-    @field_validator("cpu", mode="before")
-    @classmethod
-    def _cpu(cls, value: Any) -> float | None:
-        return None if value is None else parse_cpu(value)
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _memory(cls, value: Any) -> int | None:
-        return None if value is None else parse_memory(value)
+    _cpu = field_validator("cpu", mode="before")(parse_optional_cpu)
+    _memory = field_validator("memory", mode="before")(parse_optional_memory)
 
 
 class Usage(BaseModel):

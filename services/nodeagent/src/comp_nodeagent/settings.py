@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from comp_common.manifest import DNS_LABEL
-from comp_common.quantities import parse_cpu, parse_memory
+from comp_common.quantities import parse_optional_cpu, parse_optional_memory
 from comp_common.settings import CommonSettings
 
 
@@ -69,15 +68,8 @@ class NodeAgentGroup(BaseModel):
             return [self.node_id]
         return [f"{self.node_id}-{i}" for i in range(1, self.count + 1)]
 
-    @field_validator("cpu", mode="before")
-    @classmethod
-    def _cpu(cls, value: Any) -> float | None:
-        return None if value is None else parse_cpu(value)
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _memory(cls, value: Any) -> int | None:
-        return None if value is None else parse_memory(value)
+    _cpu = field_validator("cpu", mode="before")(parse_optional_cpu)
+    _memory = field_validator("memory", mode="before")(parse_optional_memory)
 
 
 class NodeAgentSettings(CommonSettings):

@@ -1,0 +1,21 @@
+"""Waiting for a condition with a deadline: how tests observe eventual state without fixed sleeps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """The first truthy result of ``check``, polled every 0.1 s; fails naming ``what`` and the last result."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
