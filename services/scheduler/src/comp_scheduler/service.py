@@ -376,6 +376,10 @@ class Scheduler:
         nodes = [e.record for n in self._dirty_nodes if (e := self.state.nodes.get(n)) and e.record]
         tasks = [s for t in self._dirty_tasks if (s := self.state.statuses.get(t))]
         gone_tasks, gone_deployments = set(self._gone_tasks), set(self._gone_deployments)
+        # Taken with the tasks, before any await: a summary computed after the writes could
+        # count statuses whose task records only the next flush writes, and a reader would
+        # see "500 running" beside tasks still listed as pending.
+        summaries = self.state.deployment_statuses(self.clock())
         self._dirty_nodes.clear()
         self._dirty_tasks.clear()
         self._gone_tasks.clear()
@@ -384,7 +388,7 @@ class Scheduler:
             await self.store.put_nodes(nodes)
             await self.store.put_tasks(tasks)
             await self.store.delete_tasks(gone_tasks)
-            await self.store.put_deployment_statuses(self.state.deployment_statuses(self.clock()))
+            await self.store.put_deployment_statuses(summaries)
             await self.store.delete_deployment_statuses(gone_deployments)
         except Exception as exc:
             # Keep what was not written for the next flush; Redis may be back by then.
