@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,3 +20,13 @@ def wait_until(check: Callable[[], T], timeout: float = 30.0, what: str = "condi
             return last
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+async def eventually(check: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
+    """``wait_until`` for tests inside an event loop: polls every 10 ms without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+    return result

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from manifests import errors_of, only
 from comp_common.manifest import DEFAULT_CPU, DEFAULT_MEMORY, Deployment, ManifestError, parse_deployments
 
 MiB = 1024**2
@@ -31,17 +32,6 @@ def manifest(spec: str = "image: nginx:1.27", metadata: str = "name: web", top: 
         + "\n"
     )
 
-
-def only(text: str) -> Deployment:
-    deployments = parse_deployments(text)
-    assert len(deployments) == 1
-    return deployments[0]
-
-
-def errors_of(text: str) -> list[dict[str, str]]:
-    with pytest.raises(ManifestError) as caught:
-        parse_deployments(text)
-    return caught.value.errors
 
 
 # ---- accepted -------------------------------------------------------------------------

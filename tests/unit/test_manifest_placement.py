@@ -8,23 +8,13 @@ import textwrap
 
 import pytest
 
-from comp_common.manifest import Constraint, Deployment, LabelExpression, ManifestError, Preference, Toleration, parse_deployments
+from manifests import errors_of, only
+from comp_common.manifest import Constraint, Deployment, LabelExpression, Preference, Toleration
 
 
 def manifest(spec: str) -> str:
     return "metadata: {name: web}\nspec:\n" + textwrap.indent(textwrap.dedent(spec).strip(), "  ") + "\n"
 
-
-def only(text: str) -> Deployment:
-    deployments = parse_deployments(text)
-    assert len(deployments) == 1
-    return deployments[0]
-
-
-def errors_of(text: str) -> list[dict[str, str]]:
-    with pytest.raises(ManifestError) as caught:
-        parse_deployments(text)
-    return caught.value.errors
 
 
 # ---- accepted -------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TypeVar
 
 import pytest
 from pydantic import BaseModel
 
+from waiting import eventually
 from comp_common import subjects
 from comp_common.messages import Capacity, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
 from comp_nodeagent.agent import Agent
@@ -19,16 +19,7 @@ from comp_nodeagent.driver import RuntimeTask, StartError
 from comp_nodeagent.settings import NodeAgentGroup
 
 NODE = "n1"
-T = TypeVar("T")
 
-
-async def eventually(check: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-    return result
 
 
 def spec(task_id: str) -> TaskSpec:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from functools import partial
+from collections.abc import AsyncIterator
 
 import pytest
 from faststream.nats import NatsBroker, TestNatsBroker
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import BaseModel, ValidationError
 
+from waiting import eventually as _eventually
 from comp_common import subjects
 from comp_common.manifest import Port
 from comp_common.messages import Capacity, Heartbeat, NodeAssignments, Nudge, TaskSpec, TaskState
@@ -22,16 +23,9 @@ from comp_nodeagent.hollow_driver import DEFAULT_CPU, DEFAULT_MEMORY, HollowDriv
 from comp_nodeagent.main import FleetPublisher, parse_args, start_spread
 from comp_nodeagent.settings import NodeAgentGroup, NodeAgentSettings
 
-T = TypeVar("T")
+# This module's conditions settle within 5 s.
+eventually = partial(_eventually, timeout=5.0)
 
-
-async def eventually(check: Callable[[], T | None], what: str, timeout: float = 5.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-    return result
 
 
 def spec(task_id: str, ports: list[Port] | None = None, spec_hash: str = "h1") -> TaskSpec:
