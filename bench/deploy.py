@@ -22,7 +22,7 @@ import docker
 import httpx
 
 from comp_cli.images import import_busybox
-from comp_cli.local import ClusterConfig, LocalCluster, free_port, remove_cluster_containers
+from comp_cli.local import ClusterConfig, LocalCluster, remove_cluster_containers
 
 IMAGE = "comp/busybox:bench"
 MANIFEST = """
@@ -60,12 +60,10 @@ def baseline(n: int, parallel: int) -> float:
 
 def comp(n: int) -> float:
     with tempfile.TemporaryDirectory(prefix="comp-bench-") as tmp:
-        cluster = f"bench{uuid.uuid4().hex[:6]}"
         # 50 x 0.1 cores is more than this machine's 2: the node declares 8 so that the
         # scheduler places them all. Smaller quotas would slow the engine's own container
         # start (runc runs inside the quota), which measures the kernel, not COMP.
-        config = ClusterConfig(Path(tmp), cluster, free_port(), free_port(), free_port(), nodes=1,
-                               extra_env={"COMP_NODEAGENT__CPU": "8"})
+        config = ClusterConfig.private(Path(tmp), "bench", nodes=1, extra_env={"COMP_NODEAGENT__CPU": "8"})
         local = LocalCluster(config)
         local.start()
         try:
@@ -86,7 +84,7 @@ def comp(n: int) -> float:
             elapsed = time.perf_counter() - start
         finally:
             local.stop(purge_workloads=True)
-            remove_cluster_containers(cluster)
+            remove_cluster_containers(config.cluster)
         return elapsed
 
 

@@ -13,13 +13,12 @@ import signal
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 
 from comp_cli.images import import_busybox
-from comp_cli.local import ClusterConfig, LocalCluster, free_port
+from comp_cli.local import ClusterConfig, LocalCluster
 
 IMAGE = "comp/busybox:bench"
 MANIFEST = """
@@ -37,9 +36,9 @@ ANCHORS = "Swarm ~15 s to mark a node down, Nomad ~20 s, Kubernetes 50 s + 300 s
 
 def one_round(replicas: int, heartbeat: float, grace: float) -> float:
     with tempfile.TemporaryDirectory(prefix="comp-bench-") as tmp:
-        config = ClusterConfig(
-            Path(tmp), f"loss{uuid.uuid4().hex[:6]}", free_port(), free_port(), free_port(), nodes=2,
-            heartbeat_seconds=heartbeat, grace_seconds=grace, extra_env={"COMP_NODEAGENT__CPU": "8"},
+        config = ClusterConfig.private(
+            Path(tmp), "loss", nodes=2, heartbeat_seconds=heartbeat, grace_seconds=grace,
+            extra_env={"COMP_NODEAGENT__CPU": "8"},
         )
         local = LocalCluster(config)
         local.start()

@@ -32,13 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import redis
 
-from comp_cli.local import ClusterConfig, LocalCluster, free_port
+from comp_cli.local import ClusterConfig, LocalCluster
 
 NOMAD_C2M_PER_SECOND = 1500.0
 TARGET_SECONDS = 60.0
@@ -81,9 +80,8 @@ def machine_busy_seconds() -> float:
 
 class Cluster:
     def __init__(self, state_dir: Path, nodes: int, heartbeat_seconds: float, grace_seconds: float, agent_env: dict[str, str]):
-        self.cluster = f"scale{uuid.uuid4().hex[:6]}"
-        self.config = ClusterConfig(
-            state_dir, self.cluster, free_port(), free_port(), free_port(), nodes=0,
+        self.config = ClusterConfig.private(
+            state_dir, "scale", nodes=0,
             heartbeat_seconds=heartbeat_seconds, grace_seconds=grace_seconds,
             # Per-action log lines from 5,000 nodes would cost the run more than the work.
             extra_env={"COMP_LOG__LEVEL": "WARNING"},
@@ -110,13 +108,13 @@ class Cluster:
     def ready_nodes(self) -> int:
         assert self.redis is not None
         now = time.time()
-        raw = self.redis.hgetall(f"comp:{self.cluster}:nodes")
+        raw = self.redis.hgetall(f"comp:{self.config.cluster}:nodes")
         return sum(now - json.loads(v)["last_heartbeat"] <= self.config.grace_seconds for v in raw.values())
 
     def totals(self) -> tuple[int, int]:
         """(placed, running) over every deployment, from the scheduler's summaries."""
         assert self.redis is not None
-        statuses = [json.loads(v) for v in self.redis.hvals(f"comp:{self.cluster}:deployments")]
+        statuses = [json.loads(v) for v in self.redis.hvals(f"comp:{self.config.cluster}:deployments")]
         return sum(s["placed"] for s in statuses), sum(s["running"] for s in statuses)
 
 

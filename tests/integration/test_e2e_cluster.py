@@ -42,10 +42,7 @@ spec:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, docker_client, busybox_image):
     state = tmp_path_factory.mktemp("cluster")
-    config = ClusterConfig(
-        state, cluster=f"e2e{free_port()}", nats_port=free_port(), redis_port=free_port(), api_port=free_port(),
-        nodes=1, span_file=state / "spans.jsonl",
-    )
+    config = ClusterConfig.private(state, "e2e", nodes=1, span_file=state / "spans.jsonl")
     local = LocalCluster(config)
     local.start()
     yield local

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from waiting import wait_until
 
-from comp_cli.local import ClusterConfig, LocalCluster, free_port
+from comp_cli.local import ClusterConfig, LocalCluster
 from comp_common import labels
 
 pytestmark = pytest.mark.docker
@@ -27,14 +27,9 @@ spec:
 """
 
 
-
-
 @pytest.fixture
 def two_nodes(tmp_path, docker_client, busybox_image):
-    config = ClusterConfig(
-        tmp_path / "cluster", cluster=f"loss{free_port()}", nats_port=free_port(), redis_port=free_port(),
-        api_port=free_port(), nodes=2,
-    )
+    config = ClusterConfig.private(tmp_path / "cluster", "loss", nodes=2)
     local = LocalCluster(config)
     local.start()
     yield local

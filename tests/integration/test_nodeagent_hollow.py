@@ -12,7 +12,7 @@ import nats
 import pytest
 from waiting import wait_until
 
-from comp_cli.local import ClusterConfig, LocalCluster, _bin, free_port
+from comp_cli.local import ClusterConfig, LocalCluster, _bin
 from comp_common import subjects
 from comp_common.messages import Nudge
 
@@ -36,10 +36,7 @@ spec:
 
 @pytest.fixture
 def fleet(tmp_path) -> Iterator[LocalCluster]:
-    config = ClusterConfig(
-        tmp_path, cluster=f"hollow{free_port()}", nats_port=free_port(), redis_port=free_port(), api_port=free_port(),
-        nodes=0, heartbeat_seconds=0.5, grace_seconds=2.0,
-    )
+    config = ClusterConfig.private(tmp_path, "hollow", nodes=0, heartbeat_seconds=0.5, grace_seconds=2.0)
     local = LocalCluster(config)
     local.start()
     try:

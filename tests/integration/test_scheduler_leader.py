@@ -15,7 +15,7 @@ import pytest
 from faststream import TestApp
 from faststream.nats import NatsBroker
 
-from comp_cli.local import ClusterConfig, LocalCluster, free_port
+from comp_cli.local import ClusterConfig, LocalCluster
 from comp_common import labels, subjects
 from comp_common.kv import get_model, list_models, open_bucket, put_model
 from comp_common.manifest import parse_deployments
@@ -259,10 +259,7 @@ spec:
 
 @pytest.fixture
 def ha_cluster(tmp_path, docker_client, busybox_image):
-    config = ClusterConfig(
-        tmp_path / "cluster", cluster=f"ha{free_port()}", nats_port=free_port(), redis_port=free_port(),
-        api_port=free_port(), nodes=2, schedulers=2,
-    )
+    config = ClusterConfig.private(tmp_path / "cluster", "ha", nodes=2, schedulers=2)
     local = LocalCluster(config)
     local.start()
     yield local

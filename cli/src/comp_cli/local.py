@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -79,6 +81,14 @@ class ClusterConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Scheduler processes: one leads, the others stand by hot (see comp_scheduler.leader).
     schedulers: int = 1
+
+    @classmethod
+    def private(cls, state_dir: Path, name_prefix: str, **settings: Any) -> "ClusterConfig":
+        """A cluster of its own on free ports with a unique name, beside any other on this
+        machine (tests and benchmarks): ``comp up``'s fixed ports and name would collide."""
+        return cls(
+            state_dir, f"{name_prefix}{uuid.uuid4().hex[:6]}", free_port(), free_port(), free_port(), **settings
+        )
 
     @property
     def nats_url(self) -> str:
