@@ -227,13 +227,11 @@ def get(ctx: click.Context, kind: str, namespace: str | None, output: str) -> No
 def deployments_table(items: list[dict]) -> str:
     rows = []
     for d in items:
-        manifest = d.get("deployment") or d.get("manifest") or {}
-        meta, spec = manifest.get("metadata", {}), manifest.get("spec", {})
-        st = d.get("status") or {}
+        spec = d["manifest"]["spec"]
+        st = d.get("status") or {}  # null while the API cannot read Redis
         rows.append([
-            meta.get("namespace", d.get("namespace", "")), meta.get("name", d.get("name", "")),
-            f"{st.get('running', 0)}/{spec.get('replicas', st.get('desired', 0))}", str(st.get("placed", 0)),
-            spec.get("image", ""), str(d.get("generation", "")), st.get("pending_reason", ""),
+            d["namespace"], d["name"], f"{st.get('running', 0)}/{spec['replicas']}", str(st.get("placed", 0)),
+            spec["image"], str(d["generation"]), st.get("pending_reason", ""),
         ])
     return table(["NAMESPACE", "NAME", "RUNNING", "PLACED", "IMAGE", "GEN", "PENDING"], rows)
 
