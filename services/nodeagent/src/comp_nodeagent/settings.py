@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
-from comp_common.manifest import DNS_LABEL
+from comp_common.manifest import DNS_LABEL, LABEL_KEY
+from comp_common.messages import Taint
 from comp_common.quantities import parse_optional_cpu, parse_optional_memory
 from comp_common.settings import CommonSettings
 
@@ -22,6 +26,75 @@ def default_node_id() -> str:
     return sanitise_node_id(socket.gethostname())
 
 
+# Effects the scheduler acts on.  Others are refused here rather than sent: an operator who
+# writes NoExecute expects running tasks to be evicted, and nothing would do that.
+TAINT_EFFECTS = ("NoSchedule",)
+# A label value's characters: neither ':' nor '=' nor ',', so "key=value:effect" lists
+# read back unambiguously.
+TAINT_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+TAINT_FORMAT = "key=value:NoSchedule or key:NoSchedule"
+
+
+def parse_taints(raw: Any) -> list[Taint]:
+    """Taints from a setting: ``"key=value:Effect,key:Effect"``, a JSON list of such strings or of
+    ``{"key", "value", "effect"}`` objects, or a list of either.  An error names the bad entry."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                raw = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"taints {text!r} is not a JSON list: {exc}") from None
+        else:
+            raw = [part.strip() for part in text.split(",")] if text else []
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"taints must be a comma-separated string or a list, not {type(raw).__name__}")
+    taints: list[Taint] = []
+    seen: dict[tuple[str, str], int] = {}
+    for index, entry in enumerate(raw, start=1):
+        taint = _taint(entry, index)
+        where = (taint.key, taint.effect)
+        if where in seen:
+            # One value per key and effect: which one a toleration should match would be a guess.
+            raise ValueError(
+                f"taints entry {index} ({taint}) repeats key {taint.key!r} with effect {taint.effect} of entry {seen[where]}"
+            )
+        seen[where] = index
+        taints.append(taint)
+    return taints
+
+
+def _taint(entry: Any, index: int) -> Taint:
+    what = f"taints entry {index} ({entry!r})"
+    if isinstance(entry, Taint):
+        key, value, effect = entry.key, entry.value, entry.effect
+    elif isinstance(entry, dict):
+        unknown = set(entry) - {"key", "value", "effect"}
+        if unknown or "key" not in entry:
+            raise ValueError(f"{what}: an object needs \"key\" and may have \"value\" and \"effect\" only")
+        key, value, effect = entry["key"], entry.get("value", ""), entry.get("effect", "NoSchedule")
+        if not all(isinstance(part, str) for part in (key, value, effect)):
+            raise ValueError(f"{what}: key, value and effect must be strings")
+    elif isinstance(entry, str):
+        if not entry:
+            raise ValueError(f"taints entry {index} is empty; write {TAINT_FORMAT}, entries separated by commas")
+        head, colon, effect = entry.partition(":")
+        if not colon:
+            effect = "NoSchedule"
+        key, _, value = head.partition("=")
+    else:
+        raise ValueError(f"{what}: must be a string ({TAINT_FORMAT}) or an object, not {type(entry).__name__}")
+    if not key or len(key) > 253 or not re.match(LABEL_KEY, key):
+        raise ValueError(f"{what}: key {key!r} is not a label key (letters, digits, '-', '_', '.', '/'); write {TAINT_FORMAT}")
+    if len(value) > 63 or not re.match(TAINT_VALUE, value):
+        raise ValueError(f"{what}: value {value!r} is not a label value (letters, digits, '-', '_', '.', at most 63)")
+    if effect not in TAINT_EFFECTS:
+        raise ValueError(f"{what}: effect {effect!r} is not supported (only {', '.join(TAINT_EFFECTS)})")
+    return Taint(key=key, value=value, effect=effect)
+
+
 class NodeAgentGroup(BaseModel):
     node_id: str = Field(default_factory=default_node_id)
     # Name of the runtime driver in comp_nodeagent.driver.DRIVERS.
@@ -31,6 +104,10 @@ class NodeAgentGroup(BaseModel):
     # Engine operations (pull, create, start, stop) running at once.
     parallelism: int = Field(default=8, ge=1)
     labels: dict[str, str] = Field(default_factory=dict)
+    # Sent in every heartbeat: the scheduler places on this node only replicas that tolerate
+    # them.  NoDecode: the environment value is "key=value:NoSchedule,..." (or a JSON list),
+    # which parse_taints reads, not JSON that pydantic-settings would decode first.
+    taints: Annotated[list[Taint], NoDecode] = Field(default_factory=list)
     # Overrides of what the engine reports, e.g. to reserve part of the host for itself.
     cpu: float | None = None
     memory: int | None = None
@@ -69,6 +146,7 @@ class NodeAgentGroup(BaseModel):
         return [f"{self.node_id}-{i}" for i in range(1, self.count + 1)]
 
     _cpu = field_validator("cpu", mode="before")(parse_optional_cpu)
+    _taints = field_validator("taints", mode="before")(parse_taints)
     _memory = field_validator("memory", mode="before")(parse_optional_memory)
 
 
