@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -13,8 +14,8 @@ from pydantic import BaseModel
 
 from waiting import eventually
 from comp_common import subjects
-from comp_common.messages import Capacity, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
-from comp_nodeagent.agent import Agent
+from comp_common.messages import Capacity, Heartbeat, NodeAssignments, Nudge, Taint, TaskSpec, TaskState, TaskStatus
+from comp_nodeagent.agent import Agent, check_epoch
 from comp_nodeagent.driver import RuntimeTask, StartError
 from comp_nodeagent.settings import NodeAgentGroup
 
@@ -98,13 +99,14 @@ class FakeDriver:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, **settings: object) -> None:
         self.driver = FakeDriver()
         self.assignments: NodeAssignments | None = None
         self.unreadable = False
+        self.loads = 0
         self.published: list[tuple[str, BaseModel]] = []
         self.agent = Agent(
-            settings=NodeAgentGroup(node_id=NODE, resync_seconds=3600, restart_backoff_max_seconds=1),
+            settings=NodeAgentGroup(node_id=NODE, resync_seconds=3600, restart_backoff_max_seconds=1, **settings),
             heartbeat_seconds=3600,
             driver=self.driver,
             load_assignments=self._load,
@@ -112,6 +114,7 @@ class Harness:
         )
 
     async def _load(self) -> NodeAssignments | None:
+        self.loads += 1
         if self.unreadable:
             raise ConnectionError("nats is down")
         return self.assignments
@@ -119,8 +122,8 @@ class Harness:
     async def _publish(self, message: BaseModel, subject: str) -> None:
         self.published.append((subject, message))
 
-    def assign(self, *task_ids: str) -> None:
-        self.assignments = NodeAssignments(node_id=NODE, tasks=[spec(t) for t in task_ids])
+    def assign(self, *task_ids: str, epoch: int = 0) -> None:
+        self.assignments = NodeAssignments(node_id=NODE, tasks=[spec(t) for t in task_ids], epoch=epoch)
 
     def history(self, task_id: str) -> list[tuple[TaskState, int]]:
         return [
@@ -247,3 +250,63 @@ async def test_stopping_the_agent_leaves_containers_running(harness: Harness) ->
     await harness.agent.stop()
     assert harness.driver.running("a") is not None
     assert harness.driver.watch_handle.closed
+
+
+async def test_heartbeat_carries_the_declared_taints() -> None:
+    harness = Harness(taints="dedicated=gpu:NoSchedule,spot:NoSchedule")
+    heartbeat = harness.agent.heartbeat()
+    assert heartbeat.taints == [Taint(key="dedicated", value="gpu"), Taint(key="spot")]
+    assert Harness().agent.heartbeat().taints == []
+
+
+# ---- the epoch floor: assignments and nudges from a deposed scheduler are refused -----------
+@pytest.mark.parametrize(
+    ("floor", "epoch", "current", "new_floor"),
+    [
+        (0, 0, True, 0),  # no scheduler epochs yet (values from before leadership existed)
+        (0, 5, True, 5),  # the first epoch seen sets the floor
+        (5, 5, True, 5),  # the same leader again
+        (5, 9, True, 9),  # a new leader raises the floor
+        (5, 4, False, 5),  # a deposed leader: refused, the floor stays
+        (5, 0, False, 5),  # a scheduler without an epoch, after one with: refused
+    ],
+)
+def test_check_epoch(floor: int, epoch: int, current: bool, new_floor: int) -> None:
+    assert check_epoch(floor, epoch) == (current, new_floor)
+
+
+async def test_a_nudge_from_a_new_leader_fences_the_old_one_before_its_assignments_are_read(harness: Harness) -> None:
+    harness.assign("a", epoch=5)
+    await harness.agent.reconcile("test")
+    assert harness.agent.epoch == 5
+
+    # The new leader (epoch 9) nudges; the deposed one's late write (epoch 5) is what the
+    # pass reads, since the new leader's value is not there yet.
+    harness.assign("a", "ghost", epoch=5)
+    await harness.agent.on_nudge(Nudge(node_id=NODE, version=2, epoch=9))
+    assert harness.agent.epoch == 9
+    assert set(harness.agent._desired) == {"a"}
+
+    harness.assign("a", "b", epoch=9)
+    await harness.agent.on_nudge(Nudge(node_id=NODE, version=3, epoch=9))
+    assert set(harness.agent._desired) == {"a", "b"}
+    await eventually(lambda: harness.status("b", TaskState.RUNNING), "b running")
+    assert "ghost" not in harness.driver.starts
+
+
+async def test_a_nudge_from_an_older_epoch_is_logged_and_ignored(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    harness.assign("a", epoch=7)
+    await harness.agent.reconcile("test")
+    loads = harness.loads
+
+    with caplog.at_level(logging.INFO, logger="comp_nodeagent.agent"):
+        await harness.agent.on_nudge(Nudge(node_id=NODE, version=1, epoch=6))
+    assert harness.loads == loads, "no pass for a deposed leader's nudge"
+    assert harness.agent.epoch == 7
+    ignored = [r for r in caplog.records if r.getMessage() == "nudge from an older scheduler epoch; ignored"]
+    assert len(ignored) == 1 and ignored[0].levelno == logging.INFO
+    assert (ignored[0].epoch, ignored[0].accepted_epoch) == (6, 7)  # type: ignore[attr-defined]
+
+    # The current leader's nudge still runs a pass.
+    await harness.agent.on_nudge(Nudge(node_id=NODE, version=2, epoch=7))
+    assert harness.loads == loads + 1

@@ -4,6 +4,7 @@ Two halves, as in dask's worker state machine:
 
 * :func:`plan_actions` is pure.  Desired tasks and observed containers in, a list of
   :class:`Action` out, each with the reason for it.  Table-tested without an engine.
+  :func:`check_epoch`, as pure, is the fencing rule for assignments and nudges.
 * :class:`Agent` owns the state (assignments, task statuses, restart counts, failure
   backoff), runs each action as its own asyncio task, one at a time per task id and at
   most ``parallelism`` engine operations at once, and publishes every status change.
@@ -29,7 +30,7 @@ from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
 from comp_common import subjects
-from comp_common.messages import Capacity, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
+from comp_common.messages import Capacity, Heartbeat, NodeAssignments, Nudge, TaskSpec, TaskState, TaskStatus
 
 from .driver import EventWatch, RuntimeDriver, RuntimeTask
 from .settings import NodeAgentGroup
@@ -131,6 +132,19 @@ def has_exited(container: RuntimeTask) -> bool:
     return not container.alive and container.state != "created"
 
 
+def check_epoch(floor: int, epoch: int) -> tuple[bool, int]:
+    """Whether something from scheduler epoch ``epoch`` is current, and the floor after it.
+
+    ``floor`` is the highest epoch seen so far.  Anything from a lower epoch comes from a
+    scheduler that has since lost its lease; anything else raises the floor to its epoch.
+    Assignments and nudges both carry the epoch, so both raise the floor: a nudge from a
+    new leader fences the old one before the new leader's assignments are even read.
+    """
+    if epoch < floor:
+        return False, floor
+    return True, epoch
+
+
 def backoff_delay(failures: int, cap: float) -> float:
     """Seconds to wait after ``failures`` consecutive failures: 0, then 1, 2, 4... up to ``cap``."""
     return 0.0 if failures <= 0 else min(cap, 2.0 ** (failures - 1))
@@ -161,8 +175,8 @@ class Agent:
         self.started_at = time.time()
         self.capacity = Capacity(cpu=0.0, memory=0)
         self._desired: dict[str, TaskSpec] = {}
-        # The highest scheduler epoch whose assignments this agent accepted: a value with a
-        # lower one comes from a deposed leader and is refused.
+        # The highest scheduler epoch seen in assignments or nudges: a value with a lower one
+        # comes from a deposed leader and is refused.
         self._epoch = 0
         self._statuses: dict[str, TaskStatus] = {}
         self._restarts: dict[str, int] = {}
@@ -204,6 +218,7 @@ class Agent:
             capacity=self.capacity,
             allocated=self.allocated,
             labels=dict(self.settings.labels),
+            taints=list(self.settings.taints),
             tasks=list(self._statuses.values()),
         )
 
@@ -247,7 +262,30 @@ class Agent:
         await self.driver.close()
         log.info("node agent stopped", extra={"node_id": self.node_id})
 
+    @property
+    def epoch(self) -> int:
+        """The lowest scheduler epoch whose assignments this agent still accepts."""
+        return self._epoch
+
     # ---- passes ---------------------------------------------------------------------------
+    async def on_nudge(self, nudge: Nudge) -> None:
+        """A scheduler says this node's assignments changed: raise the epoch floor, then pass.
+
+        A nudge from an older epoch than the floor comes from a deposed leader; it is
+        logged and dropped, since a pass it asked for could only find what the next nudge
+        or resync will.
+        """
+        current, self._epoch = check_epoch(self._epoch, nudge.epoch)
+        if not current:
+            log.info(
+                "nudge from an older scheduler epoch; ignored",
+                extra={"epoch": nudge.epoch, "accepted_epoch": self._epoch, "version": nudge.version},
+            )
+            return
+        # The KV value is the truth, the nudge only says "look now".  The pass runs in the
+        # caller's span, so the starts it causes join the scheduler's trace.
+        await self.reconcile(trigger=f"nudge version {nudge.version}")
+
     def request_reconcile(self, reason: str) -> None:
         """Have a pass run soon in the background, under a root span of its own.
 
@@ -271,15 +309,16 @@ class Agent:
             if assignments is not None and assignments.node_id != self.node_id:
                 log.error("assignments are for another node; ignored", extra={"for_node": assignments.node_id})
                 return
-            if assignments is not None and assignments.epoch < self._epoch:
-                # Written by a scheduler that has since lost its lease: keep what we have.
-                log.warning(
-                    "assignments from an older scheduler epoch; ignored",
-                    extra={"epoch": assignments.epoch, "accepted_epoch": self._epoch, "version": assignments.version},
-                )
-            else:
-                if assignments is not None:
-                    self._epoch = assignments.epoch
+            current = True
+            if assignments is not None:
+                current, self._epoch = check_epoch(self._epoch, assignments.epoch)
+                if not current:
+                    # Written by a scheduler that has since lost its lease: keep what we have.
+                    log.warning(
+                        "assignments from an older scheduler epoch; ignored",
+                        extra={"epoch": assignments.epoch, "accepted_epoch": self._epoch, "version": assignments.version},
+                    )
+            if current:
                 self._desired = {task.task_id: task for task in (assignments.tasks if assignments else [])}
             try:
                 actual = await self.driver.list_tasks()

@@ -28,9 +28,9 @@ def make_router(agent: Agent) -> NatsRouter:
     # Typed: a body that is not a Nudge fails validation and FastStream logs and drops it.
     @router.subscriber(subjects.node_nudge(agent.node_id))
     async def on_nudge(nudge: Nudge) -> None:
-        # The KV value is the truth, the nudge only says "look now".  The pass runs here,
-        # inside this message's span, so the starts it causes join the scheduler's trace.
-        await agent.reconcile(trigger=f"nudge version {nudge.version}")
+        # Awaited here, inside this message's span, so the starts it causes join the
+        # scheduler's trace.
+        await agent.on_nudge(nudge)
 
     return router
 
@@ -52,6 +52,6 @@ def make_fleet_router(agents: Mapping[str, Agent]) -> NatsRouter:
         if nudge.node_id != node_id:
             log.warning("nudge body names another node than its subject; dropped", extra={"subject_node": node_id, "body_node": nudge.node_id})
             return
-        await agent.reconcile(trigger=f"nudge version {nudge.version}")
+        await agent.on_nudge(nudge)
 
     return router
