@@ -8,6 +8,7 @@ tests start is what users start.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -22,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
+
+from comp_common.messages import LeaderChange
+from comp_common.observed import ObservedStore
 
 SERVICES = ("api", "scheduler")
 NATS_MAX_PAYLOAD = 1024 * 1024
@@ -108,6 +113,11 @@ class ClusterConfig:
     def scheduler_names(self) -> list[str]:
         """Process names of the schedulers: ``scheduler``, ``scheduler-2``, ..."""
         return ["scheduler"] + [f"scheduler-{i}" for i in range(2, self.schedulers + 1)]
+
+    def __post_init__(self) -> None:
+        # Zero schedulers would be a cluster that never places anything, with no error to say so.
+        if self.schedulers < 1:
+            raise ClusterError(f"schedulers must be at least 1 (got {self.schedulers})")
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +295,24 @@ class LocalCluster:
                 while _alive(pid, proc):
                     time.sleep(0.05)
         (self.pids / f"{name}.pid").unlink(missing_ok=True)
+
+    def scheduler_leader(self, timeout: float = 2.0) -> LeaderChange | None:
+        """The scheduler that last announced it leads, as Redis shows it (None: none has yet).
+
+        The announcement outlives its process; ``running()`` says whether it is still up.
+        Raises ClusterError when Redis does not answer.
+        """
+        async def read() -> LeaderChange | None:
+            client = aioredis.from_url(self.config.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout)
+            try:
+                return await ObservedStore(client, self.config.cluster).get_scheduler_leader()
+            finally:
+                await client.aclose()
+
+        try:
+            return asyncio.run(read())
+        except Exception as exc:
+            raise ClusterError(f"cannot read the scheduler leader from redis at {self.config.redis_url}: {exc}") from exc
 
     def running(self) -> dict[str, int | None]:
         out: dict[str, int | None] = {}

@@ -12,6 +12,7 @@ from typing import Any
 import click
 import httpx
 
+from comp_common.messages import LeaderChange
 from comp_common.quantities import format_memory
 
 from .images import DEFAULT_BUSYBOX_TAG, ImageError, import_busybox
@@ -81,19 +82,22 @@ def client(ctx: click.Context) -> Client:
 @click.option("--nats-port", default=14222, show_default=True)
 @click.option("--redis-port", default=16379, show_default=True)
 @click.option("--api-port", default=8470, show_default=True)
+@click.option("--schedulers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Scheduler processes: one leads, the others stand by to take over.")
 @click.pass_context
-def up(ctx: click.Context, nodes: int, cluster: str, nats_port: int, redis_port: int, api_port: int) -> None:
-    """Start a local cluster: nats-server, redis-server, api, scheduler and node agents."""
+def up(ctx: click.Context, nodes: int, cluster: str, nats_port: int, redis_port: int, api_port: int, schedulers: int) -> None:
+    """Start a local cluster: nats-server, redis-server, api, scheduler(s) and node agents."""
     state_dir: Path = ctx.obj["state_dir"]
     local = LocalCluster(ClusterConfig(state_dir, cluster, nats_port, redis_port, api_port, nodes,
-                                       span_file=state_dir / "spans.jsonl"))
+                                       span_file=state_dir / "spans.jsonl", schedulers=schedulers))
     if any(pid for pid in local.running().values()):
         raise click.ClickException(f"a cluster is already running from {state_dir} (`comp status`, `comp down`)")
     try:
         local.start()
     except ClusterError as exc:
         raise click.ClickException(str(exc))
-    click.echo(f"cluster {cluster!r} is up: API {local.config.api_url}, {nodes} node(s); state in {state_dir}")
+    click.echo(f"cluster {cluster!r} is up: API {local.config.api_url}, {nodes} node(s), {schedulers} scheduler(s); "
+               f"state in {state_dir}")
 
 
 @cli.command()
@@ -119,18 +123,45 @@ def down(ctx: click.Context, keep_workloads: bool, purge: bool) -> None:
 @cli.command()
 @click.pass_context
 def status(ctx: click.Context) -> None:
-    """Show the local cluster's processes and whether the API answers."""
+    """Show the local cluster's processes, which scheduler leads, and whether the API answers."""
     try:
         config = ClusterConfig.load(ctx.obj["state_dir"])
     except ClusterError as exc:
         raise click.ClickException(str(exc))
-    rows = [[name, str(pid) if pid else "-", "running" if pid else "stopped"] for name, pid in LocalCluster(config).running().items()]
-    click.echo(table(["PROCESS", "PID", "STATE"], rows))
+    local = LocalCluster(config)
+    running = local.running()
+    leader, leader_error = None, ""
+    if running.get("redis"):
+        try:
+            leader = local.scheduler_leader()
+        except ClusterError as exc:
+            leader_error = str(exc)
+    schedulers = set(config.scheduler_names())
+    rows = []
+    for name, pid in running.items():
+        role = ""
+        if name in schedulers and pid and leader is not None:
+            role = f"leader (epoch {leader.epoch})" if leader.name == name else "standby"
+        rows.append([name, str(pid) if pid else "-", "running" if pid else "stopped", role])
+    click.echo(table(["PROCESS", "PID", "STATE", "ROLE"], rows))
+    click.echo(f"scheduler leader: {_leader_text(leader, leader_error, running)}")
     try:
         healthy = httpx.get(f"{config.api_url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         healthy = False
     click.echo(f"API {config.api_url}: {'healthy' if healthy else 'not answering'}")
+
+
+def _leader_text(leader: LeaderChange | None, error: str, running: dict[str, int | None]) -> str:
+    if error:
+        return f"unknown ({error})"
+    if not running.get("redis"):
+        return "unknown (redis is not running)"
+    if leader is None:
+        return "none yet"
+    # Redis keeps the last announcement after its process is gone, until another one leads.
+    alive = "" if running.get(leader.name) else "; not running now, its lease expires unrenewed"
+    return f"{leader.name} (epoch {leader.epoch}, since {time.strftime('%H:%M:%S', time.localtime(leader.at))}{alive})"
 
 
 # ---- workloads -----------------------------------------------------------------------------
