@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .quantities import parse_cpu, parse_memory
+from .quantities import parse_cpu, parse_duration, parse_memory
 
 API_VERSION = "comp/v1"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -188,6 +189,138 @@ class Placement(_Strict):
         return self.model_dump(mode="json", include={"constraints", "tolerations", "max_per_node"})
 
 
+def _seconds(value: Any) -> float:
+    return parse_duration(value)
+
+
+# Seconds, written as ``10s``, ``500ms``, ``2m`` or a bare number.
+Duration = Annotated[float, BeforeValidator(_seconds)]
+PERCENT = r"^([0-9]|[1-9][0-9]|100)%$"
+def _amount(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and re.match(PERCENT, value.strip()):
+        return value.strip()
+    raise ValueError(f"{value!r} is neither a count of replicas (0 or more) nor a percentage from 0% to 100%")
+
+
+# A count of replicas or a share of the replica count: ``2`` or ``"25%"``.
+Amount = Annotated[int | str, BeforeValidator(_amount)]
+# A container port: its number, or the name given to it in ``ports``.
+PortRef = int | Name
+
+
+class HttpCheck(_Strict):
+    """Healthy when GET ``path`` on the container's ``port`` answers ``status``."""
+
+    path: str = Field(default="/", pattern=r"^/")
+    port: PortRef
+    status: int = Field(default=200, ge=100, le=599)
+
+
+class TcpCheck(_Strict):
+    """Healthy when a TCP connection to the container's ``port`` opens."""
+
+    port: PortRef
+
+
+class ExecCheck(_Strict):
+    """Healthy when ``command`` run inside the container exits 0."""
+
+    command: list[str] = Field(min_length=1)
+
+
+class HealthCheck(_Strict):
+    """One probe (exactly one of ``http``, ``tcp``, ``exec``) and how to judge its results."""
+
+    http: HttpCheck | None = None
+    tcp: TcpCheck | None = None
+    exec: ExecCheck | None = None
+    interval: Duration = Field(default=10.0, gt=0)
+    timeout: Duration = Field(default=1.0, gt=0)
+    # Consecutive results that flip the state: failures to unhealthy, successes to healthy.
+    failure_threshold: int = Field(default=3, ge=1)
+    success_threshold: int = Field(default=1, ge=1)
+    # Failures within this time after a start do not count: the process is still coming up.
+    start_period: Duration = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> "HealthCheck":
+        given = [name for name in ("http", "tcp", "exec") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'http', 'tcp' or 'exec' (got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http else "tcp" if self.tcp else "exec"
+
+    @property
+    def port(self) -> int | str | None:
+        probe = self.http or self.tcp
+        return probe.port if probe is not None else None
+
+
+class Health(_Strict):
+    """``liveness``: an unhealthy task is restarted.  ``readiness``: only a ready task counts
+    as healthy (for rollouts, start order and, later, traffic)."""
+
+    liveness: HealthCheck | None = None
+    readiness: HealthCheck | None = None
+
+
+class RestartPolicy(_Strict):
+    """When a replica whose process ended is started again, and how long to wait.
+
+    The first exit is restarted at once; each further one within ``reset_after`` of the
+    last start waits twice as long as the one before (1 s, 2 s, 4 s...), up to ``max_delay``.
+    """
+
+    condition: Literal["always", "on-failure", "never"] = "always"
+    max_delay: Duration = Field(default=60.0, gt=0)
+    reset_after: Duration = Field(default=60.0, gt=0)
+
+
+class UpdatePolicy(_Strict):
+    """How a change of what replicas run is rolled out.
+
+    At most ``replicas + max_surge`` tasks exist and at least ``replicas - max_unavailable``
+    are healthy at any time.  A new task counts as healthy once it has been ready for
+    ``min_healthy_time``; one not healthy within ``healthy_deadline`` of its start fails
+    the rollout, which ``auto_revert`` rolls back to the last version that was healthy.
+    ``canary: N`` starts N new tasks beside the old ones and waits for ``comp rollout promote``.
+    """
+
+    max_surge: Amount = "25%"
+    max_unavailable: Amount = 0
+    min_healthy_time: Duration = Field(default=0.0, ge=0)
+    healthy_deadline: Duration = Field(default=300.0, gt=0)
+    canary: int = Field(default=0, ge=0)
+    auto_revert: bool = True
+
+    @model_validator(mode="after")
+    def _can_progress(self) -> "UpdatePolicy":
+        if self.max_surge in (0, "0%") and self.max_unavailable in (0, "0%"):
+            raise ValueError("max_surge and max_unavailable cannot both be 0: the rollout could never start a task")
+        return self
+
+
+def _dependency(value: Any) -> Any:
+    # Compose's short form: a bare name waits for that deployment to be healthy.
+    return {"name": value} if isinstance(value, str) else value
+
+
+class Dependency(_Strict):
+    """Start this deployment's replicas only once ``name`` (same namespace) is ``started``
+    (its replicas run) or ``healthy`` (they are ready)."""
+
+    name: Name
+    condition: Literal["started", "healthy"] = "healthy"
+
+
+SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGWINCH")
+
+
 class DeploymentSpec(_Strict):
     replicas: int = Field(default=1, ge=0, le=100_000)
     image: str = Field(min_length=1, max_length=512)
@@ -199,6 +332,13 @@ class DeploymentSpec(_Strict):
     placement: Placement = Placement()
     # A replica that cannot fit may stop replicas of lower priority to make room.
     priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    health: Health = Health()
+    restart: RestartPolicy = RestartPolicy()
+    # Sent first on stop; SIGKILL follows once the grace period has passed.
+    stop_signal: Literal[SIGNALS] = "SIGTERM"  # type: ignore[valid-type]
+    stop_grace_period: Duration = Field(default=10.0, ge=0, le=3600)
+    update: UpdatePolicy = UpdatePolicy()
+    depends_on: list[Annotated[Dependency, BeforeValidator(_dependency)]] = Field(default_factory=list)
 
     @field_validator("image")
     @classmethod
@@ -218,6 +358,25 @@ class DeploymentSpec(_Strict):
             seen.add(key)
         return ports
 
+    @model_validator(mode="after")
+    def _checks_name_known_ports(self) -> "DeploymentSpec":
+        names = {p.name for p in self.ports if p.name}
+        for which in ("liveness", "readiness"):
+            check = getattr(self.health, which)
+            if check is not None and isinstance(check.port, str) and check.port not in names:
+                known = ", ".join(sorted(names)) or "none are named"
+                raise ValueError(f"health.{which}: port {check.port!r} is not the name of a port in 'ports' ({known})")
+        return self
+
+    @field_validator("depends_on")
+    @classmethod
+    def _unique_dependencies(cls, deps: list[Dependency]) -> list[Dependency]:
+        names = [d.name for d in deps]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"depends_on lists {', '.join(twice)} more than once")
+        return deps
+
     def task_hash(self) -> str:
         """Identity of what a replica runs and where it may run; replicas are replaced when it changes.
 
@@ -227,11 +386,20 @@ class DeploymentSpec(_Strict):
         off nodes they may no longer use; they are added only when set, so a deployment
         without them keeps the identity it had before placement rules existed.
         """
-        body = self.model_dump(mode="json", exclude={"replicas", "priority", "placement"})
+        body = self.model_dump(mode="json", exclude={"replicas", "priority", "placement", *_RUN_FIELDS, *_ROLLOUT_FIELDS})
         hard = {k: v for k, v in self.placement.hard_rules().items() if v}
         if hard:
             body["placement"] = hard
+        # How a replica is checked, restarted and stopped is part of what it runs; these are
+        # added only when not the default, for the same reason as the placement rules.
+        body.update(self.model_dump(mode="json", include=_RUN_FIELDS, exclude_defaults=True))
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Part of a replica's identity, but only when set (see ``task_hash``).
+_RUN_FIELDS = {"health", "restart", "stop_signal", "stop_grace_period"}
+# How a change is rolled out and when replicas may start: never a reason to replace one.
+_ROLLOUT_FIELDS = {"update", "depends_on"}
 
 
 class Deployment(_Strict):

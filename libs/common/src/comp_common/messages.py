@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .manifest import Deployment, Port
+from .manifest import Deployment, Health, Port, RestartPolicy
 from .quota import Quota
 
 
@@ -28,13 +28,40 @@ class TaskState(StrEnum):
     STOPPED = "stopped"  # removed because it is no longer assigned
 
 
+class HealthState(StrEnum):
+    NONE = "none"  # the deployment has no check of this kind
+    STARTING = "starting"  # checked, no verdict yet (or within the start period)
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
 class DeploymentRecord(Message):
     """A deployment as stored in the deployments bucket."""
 
     deployment: Deployment
-    generation: int = 1  # bumped when what a replica runs changes (spec.task_hash(); not on replicas or labels)
+    # Bumped when what a replica runs changes (spec.task_hash(); not on replicas or labels);
+    # it is also the revision number in the deployment's history.
+    generation: int = 1
     created_at: float
     updated_at: float
+    # Why this generation is the desired one: "applied", "undo to revision 2",
+    # "auto-revert: task web-1 failed its readiness check", "rollout aborted".
+    change_cause: str = "applied"
+    # The generation whose canary `comp rollout promote` released; 0 while none is.
+    promoted_generation: int = 0
+
+
+class RevisionRecord(Message):
+    """One version of a deployment as applied, in the revisions bucket (key: deployment key
+    and generation), kept after newer ones so that `comp rollout undo` can return to it."""
+
+    deployment: Deployment
+    generation: int
+    applied_at: float
+    change_cause: str = "applied"
+    # Set by the scheduler once a rollout of this generation completed with every task
+    # healthy: the version auto-revert returns to.
+    healthy_at: float | None = None
 
 
 class DeploymentEvent(Message):
@@ -62,6 +89,10 @@ class TaskSpec(Message):
     ports: list[Port] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     created_at: float = 0.0
+    health: Health = Health()
+    restart: RestartPolicy = RestartPolicy()
+    stop_signal: str = "SIGTERM"
+    stop_grace_seconds: float = 10.0
 
 
 class NodeAssignments(Message):
@@ -94,6 +125,17 @@ class TaskStatus(Message):
     # container port/protocol -> host port, as the engine published them
     host_ports: dict[str, int] = Field(default_factory=dict)
     updated_at: float = 0.0
+    # Liveness and readiness verdicts; NONE when the deployment has no such check.
+    liveness: HealthState = HealthState.NONE
+    readiness: HealthState = HealthState.NONE
+    # Running and, where there is a readiness check, passing it: what rollouts, start order
+    # and (later) traffic count.
+    ready: bool = False
+    # Since when the task has been ready (None while not): rollouts wait min_healthy_time.
+    ready_since: float | None = None
+    # The process keeps ending: restarts wait, each longer than the last.
+    crash_loop: bool = False
+    next_restart_at: float | None = None
 
 
 class Capacity(Message):
@@ -154,6 +196,33 @@ class PlacementEvent(Message):
     # Why no node would take the pending replicas: filter reason -> how many nodes it rejected
     # ("insufficient memory": 3, "constraint zone=b": 1).
     rejections: dict[str, int] = Field(default_factory=dict)
+
+
+class HealthEvent(Message):
+    """A task's liveness or readiness verdict changed."""
+
+    task_id: str
+    node_id: str
+    deployment: str
+    check: Literal["liveness", "readiness"]
+    state: HealthState
+    previous: HealthState
+    # What the last probe saw: "GET /index.html on :80 answered 404", "exit 1: ...".
+    detail: str = ""
+    at: float
+
+
+class RolloutEvent(Message):
+    """A step of a rollout: what it started or stopped, and why; or its end."""
+
+    deployment: str
+    generation: int
+    from_generation: int | None = None
+    state: Literal["progressing", "paused", "complete", "failed", "reverted", "promoted", "aborted"]
+    message: str = ""
+    started: list[str] = Field(default_factory=list)  # task ids
+    stopped: list[str] = Field(default_factory=list)
+    at: float
 
 
 class NamespaceRecord(Message):

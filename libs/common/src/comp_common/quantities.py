@@ -69,3 +69,31 @@ def parse_optional_cpu(value: int | float | str | None) -> float | None:
 
 def parse_optional_memory(value: int | float | str | None) -> int | None:
     return None if value is None else parse_memory(value)
+
+
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from ``500ms``, ``10s``, ``1.5m``, ``1h`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"a duration must be like '10s' or '500ms', not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"duration {value!r} is not like '500ms', '10s', '2m' or '1h'")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"a duration must not be negative, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"

@@ -20,6 +20,8 @@ LEASES_BUCKET = "comp-leases"
 SCHEDULER_LEASE_KEY = "scheduler"
 NAMESPACES_BUCKET = "comp-namespaces"
 NODE_CONTROLS_BUCKET = "comp-node-controls"
+# Every applied version of every deployment, key ``revision_key(deployment key, generation)``.
+REVISIONS_BUCKET = "comp-revisions"
 
 # Deployment applied or deleted (published by api, consumed by scheduler).
 DEPLOYMENT_EVENTS = "comp.evt.deployment.>"
@@ -29,6 +31,11 @@ TASK_EVENTS = "comp.evt.task.*"
 PLACEMENT_EVENTS = "comp.evt.placement.>"
 # A scheduler started or stopped leading (published by scheduler), with holder and epoch.
 SCHEDULER_LEADER_EVENTS = "comp.evt.scheduler.leader"
+# A task's liveness or readiness verdict changed (published by nodeagent).
+HEALTH_EVENTS = "comp.evt.health.*"
+# A rollout started, progressed, paused for its canary, completed, failed or was reverted
+# (published by scheduler; promote, abort and undo requests are published by api).
+ROLLOUT_EVENTS = "comp.evt.rollout.>"
 # Node heartbeats (nodeagent -> scheduler), not kept in the event log.
 NODE_HEARTBEATS = "comp.node.*.heartbeat"
 
@@ -65,3 +72,20 @@ def node_nudge(node_id: str) -> str:
 def deployment_key(namespace: str, name: str) -> str:
     """KV key of a deployment; also the deployment's id in every message."""
     return f"{namespace}.{name}"
+
+
+def revision_key(deployment: str, generation: int) -> str:
+    # Zero-padded so that a listing of a deployment's keys sorts by revision.
+    return f"{deployment}.r{generation:08d}"
+
+
+def revision_prefix(deployment: str) -> str:
+    return f"{deployment}.r"
+
+
+def health_event(node_id: str) -> str:
+    return f"comp.evt.health.{node_id}"
+
+
+def rollout_event(namespace: str, name: str) -> str:
+    return f"comp.evt.rollout.{namespace}.{name}"
