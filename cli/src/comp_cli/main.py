@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -210,7 +211,7 @@ def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
         f"Command:     {' '.join(spec.get('command') or []) or '(image default)'}",
         f"Resources:   cpu {spec['resources']['cpu']}, memory {format_memory(spec['resources']['memory'])}",
         f"Replicas:    {spec['replicas']} desired, {st.get('placed', 0)} placed, {st.get('running', 0)} running",
-        f"Generation:  {d['generation']} (revision {d['revision']})",
+        f"Generation:  {d['generation']} (revision {d['revision']}; {d['change_cause']})",
     ]
     if st.get("pending_reason"):
         lines.append(f"Pending:     {st['pending_reason']}")
@@ -267,13 +268,31 @@ def deployments_table(items: list[dict]) -> str:
     return table(["NAMESPACE", "NAME", "RUNNING", "PLACED", "IMAGE", "GEN", "PENDING"], rows)
 
 
-def tasks_table(items: list[dict]) -> str:
+def tasks_table(items: list[dict], now: float | None = None) -> str:
+    now = time.time() if now is None else now
     rows = []
     for t in sorted(items, key=lambda t: (t["deployment"], t["task_id"])):
         ports = ",".join(f"{hp}->{cp}" for cp, hp in sorted(t.get("host_ports", {}).items()))
-        rows.append([t["task_id"], t["deployment"].replace(".", "/", 1), t["node_id"], t["state"], str(t.get("restarts", 0)),
-                     ports, t.get("message", "")])
-    return table(["TASK", "DEPLOYMENT", "NODE", "STATE", "RESTARTS", "PORTS", "MESSAGE"], rows)
+        rows.append([t["task_id"], t["deployment"].replace(".", "/", 1), t["node_id"], _task_state(t, now), _health(t),
+                     str(t.get("restarts", 0)), ports, t.get("message", "")])
+    return table(["TASK", "DEPLOYMENT", "NODE", "STATE", "HEALTH", "RESTARTS", "PORTS", "MESSAGE"], rows)
+
+
+def _task_state(task: dict, now: float) -> str:
+    if not task.get("crash_loop"):
+        return task["state"]
+    next_at = task.get("next_restart_at")
+    if next_at is None:
+        return "crash-loop"
+    return f"crash-loop (next in {max(0, math.ceil(next_at - now))}s)"
+
+
+def _health(task: dict) -> str:
+    """readiness/liveness, '-' for a check the deployment does not have."""
+    verdicts = [task.get(check) or "none" for check in ("readiness", "liveness")]
+    if verdicts == ["none", "none"]:
+        return "-"
+    return "/".join("-" if v == "none" else v for v in verdicts)
 
 
 def namespaces_table(items: list[dict]) -> str:
@@ -298,6 +317,115 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+# ---- rollouts ------------------------------------------------------------------------------
+@cli.group()
+def rollout() -> None:
+    """A deployment's revisions and rollout: status, history, undo, promote, abort."""
+
+
+def _rollout_path(namespace: str, name: str, action: str = "") -> str:
+    return f"/v1/deployments/{namespace}/{name}/rollout" + (f"/{action}" if action else "")
+
+
+def _when(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
+
+
+@rollout.command("status")
+@click.argument("deployment")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def rollout_status(ctx: click.Context, deployment: str, namespace: str, output: str) -> None:
+    """The current generation, the last rollout event and the deployment's tasks."""
+    body = client(ctx).json("GET", _rollout_path(namespace, deployment))
+    click.echo(json.dumps(body, indent=2) if output == "json" else rollout_status_text(body))
+
+
+def rollout_status_text(body: dict) -> str:
+    generation = body["generation"]
+    lines = [
+        f"Deployment:  {body['namespace']}/{body['name']}",
+        f"Generation:  {generation} ({body['change_cause']})",
+        f"Replicas:    {body['replicas']}",
+    ]
+    if body["canary"]:
+        promoted = body["promoted_generation"] == generation
+        lines.append(f"Canary:      {body['canary']} ({'promoted' if promoted else 'waiting for `comp rollout promote`'})")
+    event = body.get("last_event")
+    if event:
+        older = "" if event["generation"] == generation else f" (of generation {event['generation']}, not the current one)"
+        text = f"{event['state']}{older} at {_when(event['at'])}"
+        lines.append(f"Last event:  {text}" + (f": {event['message']}" if event.get("message") else ""))
+    else:
+        lines.append("Last event:  none recorded")
+    tasks = body.get("tasks")
+    if tasks is None:
+        lines.append("Tasks:       unknown (the API cannot read the observed state)")
+    else:
+        states = ", ".join(f"{state} {count}" for state, count in tasks["by_state"].items())
+        summary = f"{tasks['total']} total, {tasks['ready']} ready"
+        if tasks["crash_looping"]:
+            summary += f", {tasks['crash_looping']} crash-looping"
+        lines.append(f"Tasks:       {summary}" + (f" ({states})" if states else ""))
+    return "\n".join(lines)
+
+
+@rollout.command("history")
+@click.argument("deployment")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def rollout_history(ctx: click.Context, deployment: str, namespace: str, output: str) -> None:
+    """Every recorded revision, oldest first; * marks the current one."""
+    body = client(ctx).json("GET", f"/v1/deployments/{namespace}/{deployment}/revisions")
+    if output == "json":
+        click.echo(json.dumps(body, indent=2))
+        return
+    rows = [
+        [f"{r['generation']}{' *' if r['current'] else ''}", _when(r["applied_at"]), _when(r["healthy_at"]), r["image"], r["change_cause"]]
+        for r in body["revisions"]
+    ]
+    click.echo(table(["REVISION", "APPLIED", "HEALTHY", "IMAGE", "CHANGE-CAUSE"], rows))
+
+
+@rollout.command("undo")
+@click.argument("deployment")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--to-revision", type=click.IntRange(min=1), help="The revision to return to (default: the one before the current).")
+@click.pass_context
+def rollout_undo(ctx: click.Context, deployment: str, namespace: str, to_revision: int | None) -> None:
+    """Return to an earlier revision's spec, keeping the replica count."""
+    body = client(ctx).json("POST", _rollout_path(namespace, deployment, "undo"),
+                            json={"to_revision": to_revision} if to_revision is not None else None)
+    click.echo(f"deployment {namespace}/{deployment} rolled back to revision {body['to_revision']} "
+               f"(generation {body['generation']})")
+    click.echo(f"operation {body['operation_id']}")
+
+
+@rollout.command("promote")
+@click.argument("deployment")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def rollout_promote(ctx: click.Context, deployment: str, namespace: str) -> None:
+    """Release the current generation's canary to every replica."""
+    body = client(ctx).json("POST", _rollout_path(namespace, deployment, "promote"))
+    click.echo(f"deployment {namespace}/{deployment}: canary of generation {body['generation']} promoted")
+    click.echo(f"operation {body['operation_id']}")
+
+
+@rollout.command("abort")
+@click.argument("deployment")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def rollout_abort(ctx: click.Context, deployment: str, namespace: str) -> None:
+    """Stop the current rollout: back to the last revision that ran healthy (or the previous one)."""
+    body = client(ctx).json("POST", _rollout_path(namespace, deployment, "abort"))
+    click.echo(f"deployment {namespace}/{deployment}: rollout of generation {body['from_generation']} aborted, "
+               f"back to revision {body['to_revision']} (generation {body['generation']})")
+    click.echo(f"operation {body['operation_id']}")
 
 
 # ---- namespaces and nodes -----------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -190,12 +191,17 @@ class Placement(_Strict):
 
 
 def _seconds(value: Any) -> float:
+    if isinstance(value, (list, dict)) or value is None:
+        # Say what a duration looks like rather than naming a Python type.
+        raise ValueError(f"a duration must be like '10s', '500ms' or a number of seconds, not {value!r}")
     return parse_duration(value)
 
 
 # Seconds, written as ``10s``, ``500ms``, ``2m`` or a bare number.
 Duration = Annotated[float, BeforeValidator(_seconds)]
 PERCENT = r"^([0-9]|[1-9][0-9]|100)%$"
+
+
 def _amount(value: Any) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -206,8 +212,24 @@ def _amount(value: Any) -> int | str:
 
 # A count of replicas or a share of the replica count: ``2`` or ``"25%"``.
 Amount = Annotated[int | str, BeforeValidator(_amount)]
+
+
+def _port_ref(value: Any) -> int | str:
+    # One validator rather than a union: a union reports a bad value once per member, at
+    # paths like `port.int`, and lax int parsing would take YAML's `true` as port 1.
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= 65535:
+            raise ValueError(f"port {value} is not between 1 and 65535")
+        return value
+    if isinstance(value, str) and len(value) <= 63 and re.match(DNS_LABEL, value):
+        return value
+    raise ValueError(f"{value!r} is neither a port number (1 to 65535) nor the name of a port in 'ports'")
+
+
 # A container port: its number, or the name given to it in ``ports``.
-PortRef = int | Name
+PortRef = Annotated[int | str, BeforeValidator(_port_ref)]
 
 
 class HttpCheck(_Strict):
@@ -307,7 +329,11 @@ class UpdatePolicy(_Strict):
 
 def _dependency(value: Any) -> Any:
     # Compose's short form: a bare name waits for that deployment to be healthy.
-    return {"name": value} if isinstance(value, str) else value
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a dependency is a deployment name or {{name, condition}}, not {value!r}")
+    return value
 
 
 class Dependency(_Strict):
@@ -524,13 +550,20 @@ def parse_deployments(text: str | bytes) -> list[Deployment]:
     Errors in a text of several documents are prefixed with ``document[i]``, ``i``
     counting every document in the text, empty ones included.
     """
+    return [deployment for _, deployment in parse_documents(text)]
+
+
+def parse_documents(text: str | bytes) -> list[tuple[str, Deployment]]:
+    """``parse_deployments``, each deployment with the path prefix its errors take
+    (``document[i]``, or "" in a text of one document), for checks made after parsing
+    (such as depends_on cycles against what is stored) to point at the right document."""
     size = len(text.encode() if isinstance(text, str) else text)
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError([{"path": "", "message": f"manifest is larger than {MAX_MANIFEST_BYTES} bytes"}])
     documents = _load_documents(text)
     if not documents:
         raise ManifestError([{"path": "", "message": "manifest is empty"}])
-    deployments: list[Deployment] = []
+    deployments: list[tuple[str, Deployment]] = []
     errors: list[dict[str, str]] = []
     for index, document in documents:
         prefix: tuple[Any, ...] = (f"document[{index}]",) if len(documents) > 1 else ()
@@ -538,13 +571,47 @@ def parse_deployments(text: str | bytes) -> list[Deployment]:
             errors.append({"path": _path(prefix), "message": "a manifest must be a mapping"})
             continue
         try:
-            deployments.append(Deployment.model_validate(document))
+            deployments.append((_path(prefix), Deployment.model_validate(document)))
         except ValidationError as exc:
             errors.extend(errors_from_validation(exc, prefix))
     if errors:
         raise ManifestError(errors)
-    keys = [d.key for d in deployments]
+    keys = [d.key for _, d in deployments]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
         raise ManifestError([{"path": "", "message": f"deployment {k} appears twice"} for k in duplicates])
     return deployments
+
+
+def dependency_cycle(graph: Mapping[str, Iterable[str]], start: str | None = None) -> list[str] | None:
+    """A cycle in ``graph`` (deployment name -> the names it depends on) as the names along
+    it, the first repeated at the end (``[a, b, a]``; ``[a, a]`` for a self-dependency), or
+    None when there is none.
+
+    With ``start``, only a cycle through ``start``, beginning there.  The shortest such cycle
+    is returned, so that an error names as few deployments as it can.  A name that is not a
+    key of ``graph`` depends on nothing (it may not have been applied yet).
+    """
+    for first in [start] if start is not None else sorted(graph):
+        cycle = _shortest_cycle_through(graph, first)
+        if cycle is not None:
+            return cycle
+    return None
+
+
+def _shortest_cycle_through(graph: Mapping[str, Iterable[str]], start: str) -> list[str] | None:
+    # Breadth first from start's dependencies: the first way back to start is the shortest.
+    parent: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for dep in graph.get(node, ()):
+            if dep == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(parent[path[-1]])
+                return [*reversed(path), start]
+            if dep not in parent:
+                parent[dep] = node
+                queue.append(dep)
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _MEMORY_UNITS = {
@@ -81,11 +82,15 @@ def parse_duration(value: int | float | str) -> float:
         raise ValueError(f"a duration must be like '10s' or '500ms', not {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
+    elif not isinstance(value, str):
+        raise ValueError(f"a duration must be like '10s' or '500ms', not {type(value).__name__}")
     else:
         match = _DURATION_RE.match(value)
         if not match:
             raise ValueError(f"duration {value!r} is not like '500ms', '10s', '2m' or '1h'")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be finite, not {value!r}")
     if seconds < 0:
         raise ValueError(f"a duration must not be negative, got {value!r}")
     return seconds

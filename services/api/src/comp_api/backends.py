@@ -21,6 +21,7 @@ from comp_common import subjects
 from comp_common.broker import ensure_event_stream
 from comp_common.kv import open_bucket
 from comp_common.observed import ObservedStore
+from comp_common.revisions import open_revisions
 
 from .settings import ApiSettings
 from .controls import NamespaceStore, NodeControlStore
@@ -87,13 +88,14 @@ class Backends:
                 kv = await open_bucket(self.broker, subjects.DEPLOYMENTS_BUCKET)
                 namespaces = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
                 node_controls = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)
+                revisions = await open_revisions(self.broker)
                 break
             except _NATS_ERRORS as exc:
                 log.warning("cannot open JetStream state yet, retrying: %r", exc)
                 await asyncio.sleep(retry_seconds)
         self._namespaces = NamespaceStore(namespaces)
         self._node_controls = NodeControlStore(node_controls)
-        self._store = DeploymentStore(kv)
+        self._store = DeploymentStore(kv, revisions)
         log.info("connected to NATS at %s", self.settings.nats.url)
 
     async def close(self) -> None:

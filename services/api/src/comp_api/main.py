@@ -22,6 +22,7 @@ from comp_common.telemetry import setup_tracing
 
 from .backends import Backends, DependencyUnavailable
 from .control_routes import router as control_router
+from .rollout_routes import router as rollout_router
 from .routes import manifest_schemas, router
 from .settings import ApiSettings
 from .tracing import RequestTracingMiddleware
@@ -54,12 +55,13 @@ def create_app(
     app = FastAPI(
         title="COMP API",
         version="1",
-        description="Apply, inspect and delete deployments; inspect tasks and nodes.",
+        description="Apply, inspect and delete deployments, roll them back and forward; inspect tasks and nodes.",
         lifespan=lifespan,
     )
     app.state.backends = backends
     app.include_router(router)
     app.include_router(control_router)
+    app.include_router(rollout_router)
     app.add_middleware(RequestTracingMiddleware, tracer_provider=tracer_provider)
 
     @app.exception_handler(DependencyUnavailable)

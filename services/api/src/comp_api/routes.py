@@ -11,12 +11,13 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from comp_common import subjects
-from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, parse_deployments
+from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, parse_documents
 from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, TaskStatus
 from comp_common.quota import quota_violations, usage_after_apply
 from comp_common.telemetry import current_trace_id
 
 from .backends import NATS, REDIS, Backends, DependencyUnavailable
+from .ordering import cycle_errors
 from .schemas import (
     ApplyResponse,
     DeleteResponse,
@@ -88,17 +89,24 @@ async def healthz(backends: BackendsDep) -> JSONResponse:
         403: {"model": ErrorResponse, "description": "the apply would exceed a namespace quota; nothing was stored"},
         409: {"model": ErrorResponse, "description": "the deployment kept changing concurrently"},
         413: {"model": ErrorResponse, "description": "the body is larger than max_body_bytes"},
-        422: {"model": ManifestErrorResponse, "description": "the manifest is invalid; nothing was stored"},
+        422: {
+            "model": ManifestErrorResponse,
+            "description": "the manifest is invalid, or its depends_on would make a cycle; nothing was stored",
+        },
         **_UNAVAILABLE,
     },
 )
 async def apply(request: Request, backends: BackendsDep) -> Any:
     body = await _read_body(request, backends.settings.api.max_body_bytes)
     try:
-        deployments = parse_deployments(body)
+        documents = parse_documents(body)
     except ManifestError as exc:
         return JSONResponse(ManifestErrorResponse(errors=exc.errors).model_dump(), status_code=422)
+    deployments = [deployment for _, deployment in documents]
     store = backends.deployments()
+    cycles = await _dependency_cycles(backends, documents)
+    if cycles:
+        return JSONResponse(ManifestErrorResponse(errors=cycles).model_dump(), status_code=422)
     refusal = await _quota_refusal(backends, deployments)
     if refusal:
         return JSONResponse({"detail": refusal}, status_code=403)
@@ -150,6 +158,7 @@ async def delete_deployment(namespace: NamePath, name: NamePath, backends: Backe
         deleted = await store.delete(namespace, name)
     if deleted is None:
         raise _not_found(namespace, name)
+    await _forget_revisions(backends, deleted.deployment.key)
     # The revision the deployment had when it was deleted.
     event = DeploymentEvent(
         action="deleted", namespace=namespace, name=name, revision=deleted.revision, generation=deleted.record.generation
@@ -196,6 +205,28 @@ async def list_nodes(backends: BackendsDep) -> list[NodeInfo]:
 
 
 # ---- helpers ------------------------------------------------------------------------
+
+
+async def _dependency_cycles(backends: Backends, documents: list[tuple[str, Deployment]]) -> list[dict[str, str]]:
+    """The depends_on cycles this apply would make, within the batch and with what is stored."""
+    if not any(d.spec.depends_on for _, d in documents):
+        return []  # a cycle through an applied deployment needs it to depend on something
+    stored: list[Deployment] = []
+    for namespace in sorted({d.metadata.namespace for _, d in documents}):
+        async with backends.calling(NATS):
+            stored += [s.deployment for s in await backends.deployments().list(namespace)]
+    return cycle_errors(documents, stored)
+
+
+async def _forget_revisions(backends: Backends, key: str) -> None:
+    try:
+        async with backends.calling(NATS):
+            await backends.deployments().revisions.delete_all(key)
+    except DependencyUnavailable as exc:
+        # The deployment is gone, which is what the answer reports.  Leftovers are never
+        # shown (a history stops at the current generation) and are overwritten when a
+        # deployment of this name reaches their generations again.
+        log.error("deployment %s deleted but not all of its revisions: %s", key, exc)
 
 
 async def _quota_refusal(backends: Backends, deployments: list[Deployment]) -> str | None:
