@@ -139,3 +139,14 @@ def test_namespaces_are_separate_graphs() -> None:
     assert cycle_errors([("", deployment("a", "b", namespace="other"))], stored) == [
         {"path": "spec.depends_on", "message": "depends_on cycle: a -> b -> a"}
     ]
+
+
+def test_a_long_chain_is_walked_without_recursion() -> None:
+    n = 50_000
+    chain = {f"d{i}": [f"d{i + 1}"] for i in range(n)}
+    assert dependency_cycle(chain) is None
+    assert dependency_cycle(chain, start="d0") is None
+    chain[f"d{n}"] = ["d0"]
+    cycle = dependency_cycle(chain)
+    assert cycle is not None and len(cycle) == n + 2 and cycle[0] == cycle[-1]
+    assert dependency_cycle(chain, start="d0") == [f"d{i}" for i in range(n + 1)] + ["d0"]

@@ -11,7 +11,6 @@ from comp_scheduler.startorder import (
     WAITING_HEALTHY,
     DependencyStatus,
     blocked_by,
-    dependency_cycle,
     start_blocked,
     unmet,
 )
@@ -83,33 +82,6 @@ def test_status_of_is_asked_only_about_the_named_dependencies():
     assert asked == []
 
 
-@pytest.mark.parametrize(
-    "graph, cycle",
-    [
-        ({}, None),
-        ({"web": []}, None),
-        ({"web": ["db"], "db": []}, None),
-        ({"web": ["db", "cache"], "cache": ["db"], "db": []}, None),  # a diamond is no cycle
-        ({"web": ["web"]}, ("web", "web")),
-        ({"web": ["db"], "db": ["web"]}, ("web", "db", "web")),
-        ({"a": ["b"], "b": ["c"], "c": ["a"]}, ("a", "b", "c", "a")),
-        ({"x": ["y"], "y": ["z"], "z": ["y"]}, ("y", "z", "y")),  # x only leads into it
-        ({"web": ["missing"]}, None),  # an unknown name is a dependency unmet, not a cycle
-    ],
-)
-def test_dependency_cycle(graph, cycle):
-    assert dependency_cycle(graph) == cycle
-
-
-def test_dependency_cycle_survives_a_long_chain():
-    n = 50_000
-    chain = {f"d{i}": [f"d{i + 1}"] for i in range(n)}
-    assert dependency_cycle(chain) is None
-    chain[f"d{n}"] = ["d0"]
-    cycle = dependency_cycle(chain)
-    assert cycle is not None and len(cycle) == n + 2 and cycle[0] == cycle[-1]
-
-
 # --- properties ---------------------------------------------------------------------------------
 
 NAMES = st.sampled_from(["a", "b", "c", "d", "e", "f"])
@@ -144,29 +116,3 @@ def test_the_gate_holds_only_a_deployment_with_nothing_running_and_only_for_unme
             # More running and ready never undoes a met dependency.
             more = DependencyStatus(status.replicas, status.running + 1, status.ready + 1)
             assert unmet(dep, more) is None
-
-
-def _has_cycle(graph: dict[str, list[str]]) -> bool:
-    # Kahn: a graph is acyclic exactly when every node can be peeled off with no dependencies left.
-    nodes = set(graph) | {c for children in graph.values() for c in children}
-    remaining = {n: set(graph.get(n, ())) for n in nodes}
-    while True:
-        free = [n for n, deps in remaining.items() if not deps]
-        if not free:
-            return bool(remaining)
-        for n in free:
-            del remaining[n]
-        for deps in remaining.values():
-            deps.difference_update(free)
-
-
-@given(st.dictionaries(NAMES, st.lists(NAMES, max_size=3, unique=True)))
-@settings(max_examples=500, deadline=None)
-def test_dependency_cycle_finds_a_real_cycle_exactly_when_there_is_one(graph):
-    cycle = dependency_cycle(graph)
-    assert (cycle is not None) == _has_cycle(graph)
-    if cycle is not None:
-        assert cycle[0] == cycle[-1]
-        assert len(set(cycle[:-1])) == len(cycle) - 1
-        for parent, child in zip(cycle, cycle[1:]):
-            assert child in graph.get(parent, ())

@@ -592,10 +592,32 @@ def dependency_cycle(graph: Mapping[str, Iterable[str]], start: str | None = Non
     is returned, so that an error names as few deployments as it can.  A name that is not a
     key of ``graph`` depends on nothing (it may not have been applied yet).
     """
-    for first in [start] if start is not None else sorted(graph):
-        cycle = _shortest_cycle_through(graph, first)
-        if cycle is not None:
-            return cycle
+    if start is not None:
+        return _shortest_cycle_through(graph, start)
+    return _any_cycle(graph)
+
+
+def _any_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
+    # Depth first, iterative so that a long chain cannot exhaust the stack; O(names + edges).
+    done: set[str] = set()
+    for root in sorted(graph):
+        if root in done:
+            continue
+        path, on_path = [root], {root}
+        pending = [iter(graph.get(root, ()))]
+        while pending:
+            child = next(pending[-1], None)
+            if child is None:
+                pending.pop()
+                finished = path.pop()
+                on_path.discard(finished)
+                done.add(finished)
+            elif child in on_path:
+                return [*path[path.index(child):], child]
+            elif child not in done:
+                path.append(child)
+                on_path.add(child)
+                pending.append(iter(graph.get(child, ())))
     return None
 
 

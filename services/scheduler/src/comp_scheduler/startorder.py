@@ -73,43 +73,9 @@ def start_blocked(
     return blocked_by(dependencies, status_of)
 
 
-def dependency_cycle(depends_on: Mapping[str, Iterable[str]]) -> tuple[str, ...] | None:
-    """A cycle among deployments (name -> names it depends on), as a path that ends where it
-    began (``("web", "db", "web")``), or None.  The members of a cycle would wait for each
-    other forever; the service can say so instead of "waiting for db".
-
-    Names not in the mapping have no dependencies.  Iterative, so a long chain cannot
-    exhaust the stack; O(names + edges).
-    """
-    done: set[str] = set()
-    for root in depends_on:
-        if root in done:
-            continue
-        path: list[str] = [root]
-        on_path = {root}
-        pending = [iter(depends_on.get(root, ()))]
-        while pending:
-            child = next(pending[-1], None)
-            if child is None:
-                pending.pop()
-                finished = path.pop()
-                on_path.discard(finished)
-                done.add(finished)
-                continue
-            if child in on_path:
-                return (*path[path.index(child):], child)
-            if child in done:
-                continue
-            path.append(child)
-            on_path.add(child)
-            pending.append(iter(depends_on.get(child, ())))
-    return None
-
-
 __all__ = [
     "DependencyStatus",
     "blocked_by",
-    "dependency_cycle",
     "start_blocked",
     "unmet",
 ]
