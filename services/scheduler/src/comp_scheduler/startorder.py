@@ -16,7 +16,7 @@ dependency scaled to 0 is never met: it was asked for, and will not come.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from comp_common.manifest import Dependency
