@@ -593,3 +593,62 @@ def test_fast_placer_chooses_as_well_as_a_full_scan(nodes, work, default):
             usage.add(decision.node_id, request)
             if not request.placement.spread_by:  # topology needs every node's counts
                 assert alone.score == pytest.approx(decision.score, abs=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(node_st, max_size=14, unique_by=lambda n: n.node_id),
+    st.lists(st.tuples(request_st, st.integers(1, 8)), max_size=4),
+    st.sampled_from(["spread", "binpack"]),
+)
+def test_interleaved_sessions_choose_as_well_as_a_full_scan(nodes, work, default):
+    """Sessions taking turns a placement at a time (as reconcile does across namespaces):
+    each still sees what the others placed, so every choice matches a full scan."""
+    usage = Usage()
+    placer = Placer(nodes, usage, default)
+    reference = FullScanPlacer(nodes, usage, default)
+    # One session per deployment, as in reconcile.
+    requests = [replace(request, deployment=f"default.i{i}") for i, (request, _) in enumerate(work)]
+    sessions = [placer.session(request) for request in requests]
+    left = [replicas for _, replicas in work]
+    while any(left):
+        for i, session in enumerate(sessions):
+            if not left[i]:
+                continue
+            expected = reference.evaluate(requests[i])
+            decision = session.place()
+            if expected.node_id is None:
+                assert decision.node_id is None
+                assert (decision.reason, decision.rejections) == (expected.reason, expected.rejections)
+                left[i] = 0
+                continue
+            assert decision.score == pytest.approx(expected.score, abs=1e-9)
+            assert decision.reason.split(" (")[0] == expected.reason.split(" (")[0]
+            left[i] -= 1
+
+
+def test_place_at_and_feasible_nodes():
+    usage = Usage()
+    placer = Placer([node("a", cpu=1.0), node("b", cpu=1.0)], usage)
+    session = placer.session(req(cpu=1.0))
+    assert sorted(placer.nodes[i].node_id for _, i in session.feasible_nodes()) == ["a", "b"]
+    assert session.place_at(placer.index_of["b"]).node_id == "b"
+    assert [placer.nodes[i].node_id for _, i in session.feasible_nodes()] == ["a"]
+    # Another session placing on a is seen by this one.
+    placer.session(req(cpu=1.0, deployment="default.other")).place()
+    assert session.feasible_nodes() == []
+    assert session.place().node_id is None
+
+
+def test_a_port_held_twice_is_freed_only_when_both_holders_go():
+    # Two tasks on one host port (a world earlier rounds left behind): one going frees nothing.
+    usage = Usage()
+    low = req(ports=[(8080, "tcp")], deployment="default.low")
+    mine = req(ports=[(8080, "tcp")], deployment="default.vip", priority=5)
+    usage.add("a", low)
+    usage.add("a", replace(mine, priority=0, deployment="default.other"))
+    assert victims_needed(node("a", cpu=8.0), usage.of("a"), mine, [Resident("t-low", low)]) is None
+    usage.remove("a", low)
+    assert (8080, "tcp") in usage.of("a").host_ports
+    usage.remove("a", replace(mine, priority=0, deployment="default.other"))
+    assert usage.of("a").host_ports == set()

@@ -76,6 +76,37 @@ class Desired:
     def host_ports(self) -> frozenset[tuple[int, str]]:
         return frozenset((p.host_port, p.protocol) for p in self.spec.ports if p.host_port)
 
+    @property
+    def namespace(self) -> str:
+        """The namespace part of ``key`` (``subjects.deployment_key`` is "namespace.name")."""
+        suffix = "." + self.name
+        if self.key.endswith(suffix) and len(self.key) > len(suffix):
+            return self.key[: -len(suffix)]
+        return self.key.partition(".")[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RebalancePolicy:
+    """How far reconcile goes, each round, to spread deployments back out (see reconcile)."""
+
+    enabled: bool = True
+    # Moves in flight at once, cluster-wide: each holds one extra task until it completes.
+    max_moves: int = 4
+    max_moves_per_deployment: int = 1
+    # A move is made only when the busiest node (or zone, for spread_by) holds at least this
+    # many more of the deployment's replicas than the target.  Below 2 a move could be undone
+    # by the next one: the spread would ping-pong.
+    margin: int = 2
+    # A move's new task that has not reached RUNNING this long after it was created is no
+    # longer waited for: it is surplus like any other, and the old copy stays.
+    start_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.margin < 2:
+            raise ValueError("rebalance margin below 2 would let moves undo each other")
+        if self.max_moves < 0 or self.max_moves_per_deployment < 0:
+            raise ValueError("rebalance move limits cannot be negative")
+
 
 @dataclass(frozen=True, slots=True)
 class Observed:

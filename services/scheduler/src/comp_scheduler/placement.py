@@ -13,7 +13,10 @@ Two placers choose by the same filters and scorers:
   pops the best, commits it, re-checks the dynamic filters on that one node and pushes it
   back with its new score.  Only the chosen node's usage changes while one deployment is
   being placed, so every other key stays exact: O(log n) a placement, same choice as a
-  full scan.
+  full scan.  Sessions may be interleaved (reconcile alternates namespaces by dominant
+  resource fairness): every commit is logged on the placer, and a session resuming after
+  others committed re-scores just the nodes they changed, dropping the stale heap entries
+  lazily, so it still chooses as a full scan would.
 - :class:`FullScanPlacer`, the original: every filter and scorer on every node for every
   placement.  Kept as the reference the fast one is tested against, and as the baseline
   in ``bench/placement.py``.
@@ -56,6 +59,9 @@ class NodeUsage:
     cpu: float = 0.0
     memory: int = 0
     host_ports: set[tuple[int, str]] = field(default_factory=set)
+    # How many tasks hold each port: an inconsistent world (two tasks on one port, left by
+    # earlier rounds) must not have the port freed when just one of them goes.
+    port_holders: Counter[tuple[int, str]] = field(default_factory=Counter)
     per_deployment: Counter[str] = field(default_factory=Counter)
 
 
@@ -89,7 +95,9 @@ class Usage:
         usage = self.of(node_id)
         usage.cpu += request.cpu
         usage.memory += request.memory
-        usage.host_ports |= request.host_ports
+        if request.host_ports:
+            usage.host_ports |= request.host_ports
+            usage.port_holders.update(request.host_ports)
         usage.per_deployment[request.deployment] += 1
         replicas = self._replicas.get(request.deployment)
         if replicas is None:
@@ -100,7 +108,11 @@ class Usage:
         usage = self.of(node_id)
         usage.cpu -= request.cpu
         usage.memory -= request.memory
-        usage.host_ports -= request.host_ports
+        for port in request.host_ports:
+            usage.port_holders[port] -= 1
+            if usage.port_holders[port] <= 0:
+                del usage.port_holders[port]
+                usage.host_ports.discard(port)
         usage.per_deployment[request.deployment] -= 1
         if usage.per_deployment[request.deployment] <= 0:
             del usage.per_deployment[request.deployment]
@@ -555,9 +567,13 @@ class Placer:
             self.class_of.append(position)
         self.taints = sorted({t for node in self.nodes for t in node.taints})
         self._session: PlacementSession | None = None
+        # Index of every node whose usage a session changed, in order: how an interleaved
+        # session learns what the others did since it last ran.
+        self.changes: list[int] = []
 
     def session(self, request: Request) -> "PlacementSession":
-        """Start placing replicas of ``request``; valid while only this session changes usage."""
+        """Start placing replicas of ``request``; valid while usage changes only through this
+        placer's sessions (any number of them, interleaved)."""
         self._session = PlacementSession(self, request)
         return self._session
 
@@ -596,13 +612,19 @@ class PlacementSession:
         self._bonus: list[float] = [0.0] * len(placer.classes)
         self._domain: list[str | None] = [None] * len(placer.classes)
         self._feasible_classes: list[_NodeClass] = []
+        self._class_ok: list[bool] = [False] * len(placer.classes)
         self._heaps: dict[str | None, list[tuple[float, int]]] = {}
+        # Node index -> its one valid heap key (None: not in a heap).  Built only once another
+        # session's commit made entries stale; until then every entry is valid.
+        self._keys: list[float | None] | None = None
+        self._seen = len(placer.changes)
         feasible = 0
         for position, node_class in enumerate(placer.classes):
             sample = node_class.sample
             if not all(f.feasible(sample, _NO_USAGE, request) for f in self.static_filters):
                 continue
             self._feasible_classes.append(node_class)
+            self._class_ok[position] = True
             bonus = self._bonus[position] = sum(s.weight * s.score(sample, _NO_USAGE, request) for s in static_scorers)
             domain = self._domain[position] = sample.labels.get(spread_by) if spread_by else None
             heap = self._heaps.setdefault(domain, [])
@@ -654,8 +676,92 @@ class PlacementSession:
             total += weight * score(node, usage, request)
         return total
 
+    # ---- interleaving ---------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Catch up with what other sessions committed since this one last ran."""
+        changes = self.placer.changes
+        if self._seen == len(changes):
+            return
+        keys = self._keys if self._keys is not None else self._build_keys()
+        nodes, usage, class_of = self.placer.nodes, self.placer.usage, self.placer.class_of
+        for index in dict.fromkeys(changes[self._seen :]):
+            position = class_of[index]
+            if not self._class_ok[position]:
+                continue
+            if self._preempt_heap is not None:
+                self._dirty.add(index)  # its usage or residents changed, so may its victims
+            node = nodes[index]
+            node_usage = usage.peek(node.node_id)
+            key = -(self._bonus[position] + self._score(node, node_usage)) if self._fits(node, node_usage) else None
+            old = keys[index]
+            if key == old:
+                continue
+            if old is None:
+                self._feasible += 1
+            elif key is None:
+                self._feasible -= 1
+            keys[index] = key
+            if key is not None:
+                heapq.heappush(self._heaps[self._domain[position]], (key, index))
+        self._seen = len(changes)
+
+    def _build_keys(self) -> list[float | None]:
+        keys: list[float | None] = [None] * len(self.placer.nodes)
+        for heap in self._heaps.values():
+            for key, index in heap:
+                keys[index] = key
+        self._keys = keys
+        return keys
+
+    def _drop_stale_tops(self) -> None:
+        keys = self._keys
+        assert keys is not None
+        for heap in self._heaps.values():
+            while heap and keys[heap[0][1]] != heap[0][0]:
+                heapq.heappop(heap)
+
+    def feasible_nodes(self) -> list[tuple[float, int]]:
+        """(-score, node index) of every node the request fits now, best first."""
+        self._sync()
+        keys = self._keys
+        entries = [e for heap in self._heaps.values() for e in heap if keys is None or keys[e[1]] == e[0]]
+        entries.sort()
+        return entries
+
+    def place_at(self, index: int) -> Decision:
+        """Place on node ``index``, which must be among :meth:`feasible_nodes`: a choice made
+        by the caller (rebalancing), scored and recorded as :meth:`place` would."""
+        self._sync()
+        if self._keys is not None:
+            self._drop_stale_tops()
+        node = self.placer.nodes[index]
+        position = self.placer.class_of[index]
+        heap = self._heaps[self._domain[position]]
+        keys = self._keys
+        entry = next(e for e in heap if e[1] == index and (keys is None or keys[index] == e[0]))
+        node_usage = self.placer.usage.peek(node.node_id)
+        request = self.request
+        parts = [(s.name, s.score(node, node_usage, request)) for s in self.scorers]
+        total = -entry[0]
+        if self.topology is not None:
+            domain = self._domain[position]
+            live = [d for d, h in self._heaps.items() if h and d is not None]
+            least = min(self._counts[d] for d in live) if live else 0
+            part = self.topology.score(self._counts[domain], least) if domain is not None else 0.0
+            parts.append((self.topology.name, part))
+            total += self.topology.weight * part
+        heap.remove(entry)
+        heapq.heapify(heap)
+        if keys is not None:
+            keys[index] = None
+        decision = _chosen(node.node_id, self._feasible, total, parts)
+        self._commit(index)
+        return decision
+
     def _best_heap(self) -> tuple[list[tuple[float, int]] | None, float]:
         """The heap whose top is the best node, and that node's topology score (unweighted)."""
+        if self._keys is not None:
+            self._drop_stale_tops()
         topology = self.topology
         if topology is None:
             for heap in self._heaps.values():  # one domain: None
@@ -679,6 +785,7 @@ class PlacementSession:
         return best, best_part
 
     def place(self) -> Decision:
+        self._sync()
         heap, domain_part = self._best_heap()
         if heap is None:
             return _none_fits(self.explain(), len(self.placer.nodes))
@@ -701,12 +808,20 @@ class PlacementSession:
         node_usage = self.placer.usage.of(node.node_id)
         request = self.request
         self.placer.usage.add(node.node_id, request)
+        changes = self.placer.changes
+        changes.append(index)
+        self._seen = len(changes)  # _sync ran just before: nothing else is new
         position = self.placer.class_of[index]
         self._counts[self._domain[position]] += 1
         if self._fits(node, node_usage):
-            heapq.heappush(self._heaps[self._domain[position]], (-(self._bonus[position] + self._score(node, node_usage)), index))
+            key = -(self._bonus[position] + self._score(node, node_usage))
+            heapq.heappush(self._heaps[self._domain[position]], (key, index))
+            if self._keys is not None:
+                self._keys[index] = key
         else:
             self._feasible -= 1
+            if self._keys is not None:
+                self._keys[index] = None
         if self._preempt_heap is not None:
             self._dirty.add(index)  # its usage changed: work out its victims again
 
@@ -740,6 +855,7 @@ class PlacementSession:
         ``residents`` is node id -> task id -> :class:`Resident`, the tasks that may be
         stopped (their usage is in the ledger); the caller removes the victims from it.
         """
+        self._sync()
         if self._preempt_heap is None:
             self._preempt_heap = []
             for node_class in self._feasible_classes:
@@ -798,11 +914,16 @@ def victims_needed(node: Node, usage: NodeUsage, request: Request, residents: It
     def fits(freed: Sequence[Resident]) -> bool:
         cpu = usage.cpu - sum(r.request.cpu for r in freed)
         memory = usage.memory - sum(r.request.memory for r in freed)
-        ports = usage.host_ports.difference(*(r.request.host_ports for r in freed)) if request.host_ports else ()
+        ports_taken = False
+        if request.host_ports:
+            freed_ports = Counter(p for r in freed for p in r.request.host_ports)
+            ports_taken = any(
+                (usage.port_holders.get(p) or (1 if p in usage.host_ports else 0)) > freed_ports[p] for p in request.host_ports
+            )
         return (
             cpu + request.cpu <= node.cpu + _EPSILON
             and memory + request.memory <= node.memory
-            and not (request.host_ports and request.host_ports & set(ports))
+            and not ports_taken
         )
 
     if fits(()) or not fits(lower):
