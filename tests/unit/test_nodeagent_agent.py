@@ -14,19 +14,31 @@ from pydantic import BaseModel
 
 from waiting import eventually
 from comp_common import subjects
-from comp_common.messages import Capacity, Heartbeat, NodeAssignments, Nudge, Taint, TaskSpec, TaskState, TaskStatus
+from comp_common.manifest import Health, HealthCheck, RestartPolicy
+from comp_common.messages import (
+    Capacity,
+    HealthEvent,
+    HealthState,
+    Heartbeat,
+    NodeAssignments,
+    Nudge,
+    Taint,
+    TaskSpec,
+    TaskState,
+    TaskStatus,
+)
 from comp_nodeagent.agent import Agent, check_epoch
-from comp_nodeagent.driver import RuntimeTask, StartError
+from comp_nodeagent.driver import ExecOutcome, RuntimeTask, StartError
 from comp_nodeagent.settings import NodeAgentGroup
 
 NODE = "n1"
 
 
 
-def spec(task_id: str) -> TaskSpec:
+def spec(task_id: str, **fields: object) -> TaskSpec:
     return TaskSpec(
         task_id=task_id, deployment="default.web", namespace="default", name="web", spec_hash="h1",
-        image="img", cpu=0.5, memory=1024**2,
+        image="img", cpu=0.5, memory=1024**2, **fields,
     )
 
 
@@ -48,6 +60,7 @@ class FakeDriver:
         self.starts: list[str] = []
         self.failures: dict[str, str] = {}
         self.gates: dict[str, asyncio.Event] = {}
+        self.graces: list[float | None] = []
         self.on_event: Callable[[str | None], None] | None = None
         self.watch_handle = FakeWatch()
         self._ids = itertools.count(1)
@@ -71,8 +84,11 @@ class FakeDriver:
         self.containers[container.container_id] = container
         return container
 
-    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float) -> None:
-        self.containers[runtime_task.container_id] = replace(runtime_task, state="exited", exit_code=143)
+    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float | None) -> None:
+        self.graces.append(grace_seconds)
+        self.containers[runtime_task.container_id] = replace(
+            runtime_task, state="exited", exit_code=143, finished_at=time.time()
+        )
 
     async def remove(self, runtime_task: RuntimeTask) -> None:
         self.containers.pop(runtime_task.container_id, None)
@@ -99,8 +115,8 @@ class FakeDriver:
 
 
 class Harness:
-    def __init__(self, **settings: object) -> None:
-        self.driver = FakeDriver()
+    def __init__(self, driver: FakeDriver | None = None, **settings: object) -> None:
+        self.driver = driver or FakeDriver()
         self.assignments: NodeAssignments | None = None
         self.unreadable = False
         self.loads = 0
@@ -124,6 +140,19 @@ class Harness:
 
     def assign(self, *task_ids: str, epoch: int = 0) -> None:
         self.assignments = NodeAssignments(node_id=NODE, tasks=[spec(t) for t in task_ids], epoch=epoch)
+
+    def assign_specs(self, *specs: TaskSpec) -> None:
+        self.assignments = NodeAssignments(node_id=NODE, tasks=list(specs))
+
+    def statuses_of(self, task_id: str) -> list[TaskStatus]:
+        return [m for s, m in self.published if isinstance(m, TaskStatus) and m.task_id == task_id]
+
+    def health_events(self, task_id: str) -> list[tuple[str, HealthState, HealthState]]:
+        return [
+            (m.check, m.previous, m.state)
+            for s, m in self.published
+            if s == subjects.health_event(NODE) and isinstance(m, HealthEvent) and m.task_id == task_id
+        ]
 
     def history(self, task_id: str) -> list[tuple[TaskState, int]]:
         return [
@@ -310,3 +339,196 @@ async def test_a_nudge_from_an_older_epoch_is_logged_and_ignored(harness: Harnes
     # The current leader's nudge still runs a pass.
     await harness.agent.on_nudge(Nudge(node_id=NODE, version=2, epoch=7))
     assert harness.loads == loads + 1
+
+
+# ---- health checks, restart policy, stops ---------------------------------------------------
+class ProbingDriver(FakeDriver):
+    """A runtime whose exec checks pass unless the container is listed as failing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[str] = set()  # container ids
+        self.probes = 0
+
+    async def probe_target(self, container_id: str) -> str | None:
+        return "192.0.2.1"
+
+    async def exec_check(self, container_id: str, command: list[str], timeout: float) -> ExecOutcome:
+        self.probes += 1
+        if container_id in self.failing:
+            return ExecOutcome(1, "not yet")
+        return ExecOutcome(0, "")
+
+
+def exec_check(**fields: object) -> HealthCheck:
+    return HealthCheck(exec={"command": ["check"]}, interval=0.02, **fields)
+
+
+async def test_failing_liveness_check_restarts_the_container() -> None:
+    harness = Harness(ProbingDriver())
+    harness.assign_specs(spec("a", health=Health(liveness=exec_check(failure_threshold=2))))
+    await harness.agent.start()
+    try:
+        first = await eventually(
+            lambda: (s := harness.status("a", TaskState.RUNNING)) and s.liveness == HealthState.HEALTHY and s, "a healthy"
+        )
+        assert first.ready and first.ready_since is not None
+        harness.driver.failing.add(first.container_id)
+
+        again = await eventually(
+            lambda: (s := harness.status("a", TaskState.RUNNING)) and s.restarts == 1 and s.liveness == HealthState.HEALTHY and s,
+            "a restarted and healthy again",
+        )
+        assert again.container_id != first.container_id
+        exited = [s for s in harness.statuses_of("a") if s.state == TaskState.EXITED]
+        assert [(e.container_id, e.restarts) for e in exited] == [(first.container_id, 0)]
+        assert exited[0].message == "liveness check failed: check exited 1: not yet"
+        assert exited[0].liveness == HealthState.UNHEALTHY and not exited[0].ready
+        # The unhealthy verdict was reported on the running task before it was stopped.
+        unhealthy = [s for s in harness.statuses_of("a") if s.state == TaskState.RUNNING and s.liveness == HealthState.UNHEALTHY]
+        assert unhealthy and unhealthy[0].container_id == first.container_id
+        assert harness.health_events("a") == [
+            ("liveness", HealthState.STARTING, HealthState.HEALTHY),
+            ("liveness", HealthState.HEALTHY, HealthState.UNHEALTHY),
+            ("liveness", HealthState.STARTING, HealthState.HEALTHY),
+        ]
+        assert harness.driver.graces == [10.0]  # the task's own grace
+    finally:
+        await harness.agent.stop()
+
+
+async def test_readiness_sets_ready_and_never_restarts() -> None:
+    harness = Harness(ProbingDriver())
+    harness.driver.gates["a"] = asyncio.Event()
+    harness.assign_specs(spec("a", health=Health(readiness=exec_check(failure_threshold=2))))
+    await harness.agent.start()
+    try:
+        await eventually(lambda: harness.driver.starts == ["a"], "a starting")
+        harness.driver.gates["a"].set()
+        running = await eventually(lambda: harness.status("a", TaskState.RUNNING), "a running")
+        harness.driver.failing.add(running.container_id)
+        await eventually(lambda: harness.agent.statuses["a"].readiness == HealthState.HEALTHY, "first probe passed")
+
+        unready = await eventually(
+            lambda: (s := harness.agent.statuses["a"]).readiness == HealthState.UNHEALTHY and s, "a unready"
+        )
+        assert (unready.ready, unready.ready_since, unready.liveness) == (False, None, HealthState.NONE)
+        assert unready.message == "readiness check failed: check exited 1: not yet"
+
+        harness.driver.failing.clear()
+        ready = await eventually(lambda: (s := harness.agent.statuses["a"]).ready and s, "a ready again")
+        assert ready.readiness == HealthState.HEALTHY and ready.ready_since is not None
+        assert ready.container_id == running.container_id and ready.restarts == 0
+        assert harness.health_events("a") == [
+            ("readiness", HealthState.STARTING, HealthState.HEALTHY),
+            ("readiness", HealthState.HEALTHY, HealthState.UNHEALTHY),
+            ("readiness", HealthState.UNHEALTHY, HealthState.HEALTHY),
+        ]
+        # A status before the first verdict: running, not ready.
+        first_running = next(s for s in harness.statuses_of("a") if s.state == TaskState.RUNNING)
+        assert (first_running.readiness, first_running.ready) == (HealthState.STARTING, False)
+    finally:
+        await harness.agent.stop()
+    # The checks end with the agent.
+    probes = harness.driver.probes
+    await asyncio.sleep(0.1)
+    assert harness.driver.probes == probes
+
+
+async def test_a_runtime_without_probes_passes_every_check(harness: Harness) -> None:
+    # The hollow driver has no probe_target / exec_check: its tasks are healthy at once.
+    harness.assign_specs(spec("a", health=Health(readiness=exec_check(), liveness=exec_check())))
+    await harness.agent.start()
+    ready = await eventually(lambda: (s := harness.status("a", TaskState.RUNNING)) and s.ready and s.liveness == HealthState.HEALTHY and s, "a ready")
+    assert ready.readiness == HealthState.HEALTHY
+
+
+async def test_a_task_without_checks_is_ready_when_running(harness: Harness) -> None:
+    harness.assign("a")
+    await harness.agent.start()
+    running = await eventually(lambda: harness.status("a", TaskState.RUNNING), "a running")
+    assert (running.ready, running.liveness, running.readiness) == (True, HealthState.NONE, HealthState.NONE)
+    assert running.ready_since is not None
+    starting = harness.statuses_of("a")[0]
+    assert (starting.state, starting.ready, starting.ready_since) == (TaskState.STARTING, False, None)
+
+
+async def test_crash_loop_waits_longer_each_time(harness: Harness) -> None:
+    harness.assign_specs(spec("a", restart=RestartPolicy(max_delay=2)))
+    await harness.agent.start()
+    for restarts in range(4):
+        await eventually(lambda: harness.status("a", TaskState.RUNNING) and harness.agent.statuses["a"].restarts == restarts, f"run {restarts}")
+        harness.driver.crash("a", exit_code=1)
+    await eventually(lambda: harness.status("a", TaskState.RUNNING) and harness.agent.statuses["a"].restarts == 4, "run 4")
+
+    exits = [s for s in harness.statuses_of("a") if s.state == TaskState.EXITED]
+    waits = [None if e.next_restart_at is None else round(e.next_restart_at - e.updated_at) for e in exits]
+    assert waits == [None, 1, 2, 2]  # at once, then 1 s, 2 s, capped at max_delay
+    assert [e.crash_loop for e in exits] == [False, True, True, True]
+    assert exits[1].message == "container exited with code 1 (restarting in 1s)"
+    # Waiting is over once it starts again.
+    assert not harness.agent.statuses["a"].crash_loop and harness.agent.statuses["a"].next_restart_at is None
+
+
+@pytest.mark.parametrize(
+    ("condition", "exit_code", "restarted"),
+    [("on-failure", 0, False), ("on-failure", 2, True), ("never", 2, False), ("never", 0, False), ("always", 0, True)],
+)
+async def test_restart_condition(harness: Harness, condition: str, exit_code: int, restarted: bool) -> None:
+    harness.assign_specs(spec("a", restart=RestartPolicy(condition=condition)))
+    await harness.agent.start()
+    first = await eventually(lambda: harness.status("a", TaskState.RUNNING), "a running")
+    harness.driver.crash("a", exit_code=exit_code)
+    if restarted:
+        await eventually(lambda: harness.status("a", TaskState.RUNNING) and harness.agent.statuses["a"].restarts == 1, "a restarted")
+        return
+    exited = await eventually(lambda: harness.status("a", TaskState.EXITED), "a exited")
+    assert (exited.exit_code, exited.container_id, exited.restarts) == (exit_code, first.container_id, 0)
+    assert exited.message == f"container exited with code {exit_code}; not restarted (restart policy {condition})"
+    # It stays so: further passes neither restart nor report it again, and the container is kept.
+    await harness.agent.reconcile("test")
+    await harness.agent.reconcile("test")
+    await asyncio.sleep(0.3)
+    assert harness.driver.starts == ["a"] and first.container_id in harness.driver.containers
+    assert [s.state for s in harness.statuses_of("a")] == [TaskState.STARTING, TaskState.RUNNING, TaskState.EXITED]
+    # Unassigned, it is removed.
+    harness.assign()
+    await harness.agent.reconcile("test")
+    await eventually(lambda: not harness.driver.containers, "container removed")
+
+
+class SlowStopDriver(FakeDriver):
+    """Stops that wait until released, as a process ignoring SIGTERM makes the engine wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = 0
+        self.most_stopping = 0
+        self.release = asyncio.Event()
+
+    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float | None) -> None:
+        self.stopping += 1
+        self.most_stopping = max(self.most_stopping, self.stopping)
+        await self.release.wait()
+        self.stopping -= 1
+        await super().stop(runtime_task, grace_seconds)
+
+
+async def test_stops_wait_out_their_grace_together_not_in_the_engine_slots() -> None:
+    harness = Harness(SlowStopDriver(), parallelism=8, stop_grace_seconds=3)
+    ids = [f"t{i}" for i in range(50)]
+    harness.assign_specs(*(spec(t, stop_grace_seconds=30) for t in ids))
+    await harness.agent.start()
+    try:
+        await eventually(lambda: all(harness.status(t, TaskState.RUNNING) for t in ids), "all running")
+        harness.assign("new")
+        await harness.agent.reconcile("unassign")
+        await eventually(lambda: harness.driver.stopping == 50, "all 50 stops waiting at once")
+        # A start is not held up by the stops.
+        await eventually(lambda: harness.status("new", TaskState.RUNNING), "new running meanwhile")
+        harness.driver.release.set()
+        await eventually(lambda: all(harness.status(t, TaskState.STOPPED) is None and t not in harness.agent.statuses for t in ids), "all stopped")
+        assert harness.driver.most_stopping == 50
+        assert set(harness.driver.graces) == {3}  # the node's cap below the task's 30 s
+    finally:
+        await harness.agent.stop()

@@ -8,15 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from comp_common.manifest import RestartPolicy
 from comp_common.messages import TaskSpec
 from comp_nodeagent.agent import Action, ActionKind, backoff_delay, plan_actions
 from comp_nodeagent.driver import RuntimeTask
 
 START, RESTART, STOP, ADOPT = ActionKind.START, ActionKind.RESTART, ActionKind.STOP, ActionKind.ADOPT
+FINISH = ActionKind.FINISH
 
 
-def spec(task_id: str, spec_hash: str = "h1") -> TaskSpec:
+def spec(task_id: str, spec_hash: str = "h1", restart: str = "always") -> TaskSpec:
     return TaskSpec(
+        restart=RestartPolicy(condition=restart),
         task_id=task_id,
         deployment="default.web",
         namespace="default",
@@ -109,6 +112,45 @@ CASES = [
 @pytest.mark.parametrize(("state", "expected"), CASES)
 def test_plan_actions(state: dict, expected: list) -> None:
     assert kinds(plan_actions(**state)) == expected
+
+
+# The restart policy: which ended containers are started again, and which are left ended.
+POLICY_CASES = [
+    pytest.param(dict(desired=[spec("a", restart="on-failure")], actual=[container("a", "exited", exit_code=1)]),
+                 [("a", RESTART)], id="on-failure-restarts-a-failure"),
+    pytest.param(dict(desired=[spec("a", restart="on-failure")], actual=[container("a", "exited", exit_code=0)]),
+                 [("a", FINISH)], id="on-failure-leaves-a-success"),
+    pytest.param(dict(desired=[spec("a", restart="never")], actual=[container("a", "exited", exit_code=1)]),
+                 [("a", FINISH)], id="never-leaves-a-failure"),
+    pytest.param(dict(desired=[spec("a", restart="never")], actual=[container("a", "exited", exit_code=1)],
+                      finished=["c-a"], tracked={"a": "c-a"}),
+                 [], id="finished-is-reported-once"),
+    pytest.param(dict(desired=[spec("a", restart="never")], actual=[container("a", "created")]),
+                 [("a", RESTART)], id="never-started-is-no-exit"),
+    pytest.param(dict(desired=[spec("a", "h2", restart="never")], actual=[container("a", "exited", exit_code=0)],
+                      finished=["c-a"]),
+                 [("a", RESTART)], id="finished-is-replaced-by-a-new-spec"),
+    pytest.param(dict(desired=[spec("a", restart="on-failure")], actual=[container("a", "exited", exit_code=0)],
+                      terminated={"c-a": "liveness check failed: x"}),
+                 [("a", RESTART)], id="on-failure-restarts-what-liveness-stopped"),
+    pytest.param(dict(desired=[spec("a", restart="never")], actual=[container("a", "exited", exit_code=143)],
+                      terminated={"c-a": "liveness check failed: x"}),
+                 [("a", FINISH)], id="never-leaves-what-liveness-stopped"),
+    pytest.param(dict(desired=[], actual=[container("a", "exited", exit_code=0)], finished=["c-a"]),
+                 [("a", STOP)], id="finished-unassigned-is-removed"),
+]
+
+
+@pytest.mark.parametrize(("state", "expected"), POLICY_CASES)
+def test_plan_follows_the_restart_policy(state: dict, expected: list) -> None:
+    assert kinds(plan_actions(**state)) == expected
+
+
+def test_the_reason_of_a_liveness_stop_is_kept() -> None:
+    [restart] = plan_actions([spec("a")], [container("a", "exited", exit_code=143)], terminated={"c-a": "liveness check failed: GET / on :80 answered 404"})
+    assert restart.reason == "liveness check failed: GET / on :80 answered 404"
+    [finish] = plan_actions([spec("a", restart="never")], [container("a", "exited", exit_code=3)])
+    assert finish.reason == "container exited with code 3; not restarted (restart policy never)"
 
 
 def test_actions_carry_what_they_act_on() -> None:

@@ -28,7 +28,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     group = settings.nodeagent
     assert settings.cluster == "c1"
     assert (group.node_id, group.labels, group.cpu, group.memory, group.parallelism) == ("node-7", {"zone": "a"}, 0.5, 2 * 1024**3, 3)
-    assert (group.driver, group.resync_seconds, group.stop_grace_seconds, group.restart_backoff_max_seconds) == ("docker", 5.0, 10.0, 30.0)
+    assert (group.driver, group.resync_seconds, group.stop_grace_seconds, group.restart_backoff_max_seconds) == ("docker", 5.0, None, 30.0)
 
 
 def test_node_id_must_be_usable_in_a_subject(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,9 +5,12 @@ Two halves, as in dask's worker state machine:
 * :func:`plan_actions` is pure.  Desired tasks and observed containers in, a list of
   :class:`Action` out, each with the reason for it.  Table-tested without an engine.
   :func:`check_epoch`, as pure, is the fencing rule for assignments and nudges.
+  :func:`restart_wanted` and :func:`exit_backoff`, as pure, are the restart policy.
 * :class:`Agent` owns the state (assignments, task statuses, restart counts, failure
-  backoff), runs each action as its own asyncio task, one at a time per task id and at
-  most ``parallelism`` engine operations at once, and publishes every status change.
+  backoff, health checks), runs each action as its own asyncio task, one at a time per
+  task id and at most ``parallelism`` engine operations at once (a stop's grace wait is
+  no engine operation), and publishes every status change.  Each health check of a
+  running task is an asyncio loop of its own (see :mod:`comp_nodeagent.health`).
 
 A pass is level-triggered: it re-reads the assignments and re-lists the containers, so
 a missed nudge or event is repaired by the next pass, whatever triggered it.
@@ -19,8 +22,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -29,18 +32,29 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
-from comp_common import subjects
-from comp_common.messages import Capacity, Heartbeat, NodeAssignments, Nudge, TaskSpec, TaskState, TaskStatus
+import httpx
 
-from .driver import EventWatch, RuntimeDriver, RuntimeTask
+from comp_common import subjects
+from comp_common.manifest import HealthCheck, RestartPolicy
+from comp_common.messages import (
+    Capacity,
+    HealthEvent,
+    HealthState,
+    Heartbeat,
+    NodeAssignments,
+    Nudge,
+    TaskSpec,
+    TaskState,
+    TaskStatus,
+)
+
+from .driver import EventWatch, RuntimeDriver, RuntimeTask, can_probe
+from .health import Checker, ProbeResult, Verdict, exec_result, new_http_client, probe_http, probe_tcp, resolve_port
 from .settings import NodeAgentGroup
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("comp_nodeagent")
 
-# A container that ran at least this long before it ended was healthy: its exit starts a
-# fresh backoff, so it is restarted at once.  Shorter runs count as a crash loop.
-STABLE_RUN_SECONDS = 10.0
 # How long shutdown waits for engine operations already under way.
 SHUTDOWN_WAIT_SECONDS = 5.0
 FOLLOW_UP_PASS_DELAY_SECONDS = 0.2
@@ -55,6 +69,10 @@ class ActionKind(StrEnum):
     RESTART = "restart"  # the container ended, or is not the one wanted: replace it
     STOP = "stop"  # the task is no longer assigned here: stop and remove its containers
     ADOPT = "adopt"  # a running container the agent does not know yet: take it as it is
+    FINISH = "finish"  # the process ended and the restart policy says so: report it, keep the container
+    # The liveness check failed: stop the container (signal, grace).  Not planned by
+    # plan_actions but by the check; the pass after it restarts the task as after any exit.
+    TERMINATE = "terminate"
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,8 @@ def plan_actions(
     tracked: Mapping[str, str | None] | None = None,
     not_before: Mapping[str, float] | None = None,
     now: float = 0.0,
+    finished: Collection[str] = (),
+    terminated: Mapping[str, str] | None = None,
 ) -> list[Action]:
     """What to do so that the host runs exactly ``desired``.
 
@@ -82,9 +102,14 @@ def plan_actions(
     (None where it has no container), so that known containers are not adopted again and
     tasks that vanished are reported stopped.
     ``not_before``: task id -> time before which a failed task must not be started again.
+    ``finished``: ids of ended containers already reported and left as the restart policy says.
+    ``terminated``: container id -> why the agent stopped it (its liveness check failed):
+    its exit is a failure whatever its exit code, and that is the reason given.
     """
     tracked = tracked or {}
     not_before = not_before or {}
+    finished = set(finished)
+    terminated = terminated or {}
     busy = set(busy)
     wanted = {task.task_id: task for task in desired}
     containers: dict[str, list[RuntimeTask]] = defaultdict(list)
@@ -111,7 +136,18 @@ def plan_actions(
             continue
         container = found[0]
         if not container.alive:
-            actions.append(Action(ActionKind.RESTART, task_id, _ended_reason(container), spec, found))
+            killed = terminated.get(container.container_id)
+            reason = killed or _ended_reason(container)
+            if (
+                container.spec_hash == spec.spec_hash
+                and has_exited(container)
+                and not restart_wanted(spec.restart.condition, container.exit_code, killed=killed is not None)
+            ):
+                if container.container_id not in finished:
+                    why = f"{reason}; not restarted (restart policy {spec.restart.condition})"
+                    actions.append(Action(ActionKind.FINISH, task_id, why, spec, found))
+                continue
+            actions.append(Action(ActionKind.RESTART, task_id, reason, spec, found))
         elif container.spec_hash != spec.spec_hash:
             actions.append(Action(ActionKind.RESTART, task_id, "spec changed", spec, found))
         elif tracked.get(task_id) != container.container_id:
@@ -150,6 +186,59 @@ def backoff_delay(failures: int, cap: float) -> float:
     return 0.0 if failures <= 0 else min(cap, 2.0 ** (failures - 1))
 
 
+def restart_wanted(condition: str, exit_code: int | None, *, killed: bool = False) -> bool:
+    """Whether a task whose process ended is started again, by its restart policy's condition.
+
+    ``killed``: the agent stopped it because its liveness check failed, which is a failure
+    whatever the exit code (a process may well exit 0 on SIGTERM).  An unknown exit code
+    (the engine lost it) counts as a failure.
+    """
+    if condition == "never":
+        return False
+    if condition == "on-failure":
+        return killed or exit_code != 0
+    return True
+
+
+def exit_backoff(failures: int, ran_for: float | None, policy: RestartPolicy) -> tuple[float, int]:
+    """The wait before restarting a task that just ended, and its count of failures after.
+
+    ``failures``: consecutive exits so far, each after a run shorter than
+    ``policy.reset_after``.  A run at least that long was stable and starts the count
+    afresh.  The first exit of a count restarts at once; then 1, 2, 4... s, at most
+    ``policy.max_delay``.
+    """
+    if ran_for is not None and ran_for >= policy.reset_after:
+        failures = 0
+    return backoff_delay(failures, policy.max_delay), failures + 1
+
+
+@dataclass
+class _Health:
+    """A task's current verdicts, and the checks that make them."""
+
+    liveness: HealthState = HealthState.NONE
+    readiness: HealthState = HealthState.NONE
+    container_id: str | None = None  # whose checks run
+    loops: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def initial(cls, spec: TaskSpec) -> _Health:
+        return cls(
+            liveness=HealthState.STARTING if spec.health.liveness else HealthState.NONE,
+            readiness=HealthState.STARTING if spec.health.readiness else HealthState.NONE,
+        )
+
+    def cancel(self) -> None:
+        current = asyncio.current_task()
+        for loop_task in self.loops:
+            # A check that decides to end its container cancels the others, never itself.
+            if loop_task is not current:
+                loop_task.cancel()
+        self.loops = []
+        self.container_id = None
+
+
 Publish = Callable[[BaseModel, str], Awaitable[Any]]
 LoadAssignments = Callable[[], Awaitable[NodeAssignments | None]]
 
@@ -182,6 +271,15 @@ class Agent:
         self._restarts: dict[str, int] = {}
         self._failures: dict[str, int] = {}  # consecutive failed starts or short runs
         self._not_before: dict[str, float] = {}  # monotonic time
+        # The spec each task's container was started (or adopted) with: how to stop it.
+        self._specs: dict[str, TaskSpec] = {}
+        self._health: dict[str, _Health] = {}
+        # task id -> the container left ended by the restart policy, already reported.
+        self._finished: dict[str, str] = {}
+        # container id -> why the agent stopped it (a failed liveness check).
+        self._terminated: dict[str, str] = {}
+        self._can_probe = can_probe(driver)
+        self._http: httpx.AsyncClient | None = None
         self._heartbeat_seq = 0
 
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -250,6 +348,13 @@ class Agent:
         for handle in self._wakeups:
             handle.cancel()
         self._wakeups.clear()
+        checks = [loop_task for health in self._health.values() for loop_task in health.loops]
+        for health in self._health.values():
+            health.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         if self._watch is not None:
             self._watch.close()
             self._watch = None
@@ -332,6 +437,8 @@ class Agent:
                 tracked={task_id: status.container_id for task_id, status in self._statuses.items()},
                 not_before=self._not_before,
                 now=time.monotonic(),
+                finished=self._finished.values(),
+                terminated=self._terminated,
             )
             for action in actions:
                 log.info(
@@ -399,6 +506,10 @@ class Agent:
                 await self._stop(action)
             elif action.kind is ActionKind.ADOPT:
                 await self._adopt(action)
+            elif action.kind is ActionKind.FINISH:
+                await self._finish(action)
+            elif action.kind is ActionKind.TERMINATE:
+                await self._terminate(action)
         except Exception:
             log.exception("action failed", extra={"action": action.kind.value, "task_id": action.task_id})
             # Still in flight while it waits, so passes leave the task alone meanwhile.
@@ -408,26 +519,40 @@ class Agent:
             self._settled_since_listing.add(action.task_id)
             self.request_reconcile(f"{action.kind.value} of {action.task_id}{_FINISHED}")
 
-    async def _start(self, spec: TaskSpec, reason: str) -> None:
+    async def _start(self, spec: TaskSpec, reason: str, removing: asyncio.Task[None] | None = None) -> None:
+        """Start the task's container.  ``removing``: the removal of its last container, under
+        way meanwhile; awaited before the outcome is reported, so that a task reported
+        running has one container."""
         with tracer.start_as_current_span(
             "nodeagent.start_task",
             attributes={"comp.task_id": spec.task_id, "comp.deployment": spec.deployment, "comp.node": self.node_id},
         ) as span:
+            self._reset_health(spec)
             await self._set_status(spec.task_id, spec.deployment, TaskState.STARTING, message=reason)
             try:
-                async with self._engine_slots:
-                    started = await self.driver.start(spec)
+                try:
+                    async with self._engine_slots:
+                        started = await self.driver.start(spec)
+                finally:
+                    if removing is not None:
+                        await removing
             except Exception as exc:
                 failures = self._failures.get(spec.task_id, 0) + 1
                 self._failures[spec.task_id] = failures
-                delay = self._back_off(spec.task_id, failures)
+                delay = self._back_off(spec.task_id, backoff_delay(failures, self.settings.restart_backoff_max_seconds))
                 span.set_status(StatusCode.ERROR, str(exc))
                 log.warning("task failed to start", extra={"task_id": spec.task_id, "error": str(exc), "retry_in": delay})
                 await self._set_status(
-                    spec.task_id, spec.deployment, TaskState.FAILED, message=f"{exc} (retrying in {delay:g}s)"
+                    spec.task_id,
+                    spec.deployment,
+                    TaskState.FAILED,
+                    message=f"{exc} (retrying in {delay:g}s)",
+                    next_restart_at=time.time() + delay,
                 )
                 return
             span.set_attribute("comp.container_id", started.container_id)
+            self._specs[spec.task_id] = spec
+            self._finished.pop(spec.task_id, None)
             await self._set_status(
                 spec.task_id,
                 spec.deployment,
@@ -435,6 +560,7 @@ class Agent:
                 container_id=started.container_id,
                 host_ports=dict(started.host_ports),
             )
+            self._check_health(spec, started)
 
     async def _restart(self, action: Action) -> None:
         spec = action.spec
@@ -442,42 +568,57 @@ class Agent:
         ended = next((c for c in action.containers if has_exited(c)), None)
         delay = 0.0
         if ended is not None and len(action.containers) == 1:
+            delay = self._note_exit(spec, ended)
             await self._set_status(
                 spec.task_id,
                 spec.deployment,
                 TaskState.EXITED,
-                message=action.reason,
+                message=action.reason + (f" (restarting in {delay:g}s)" if delay > 0 else ""),
                 container_id=ended.container_id,
                 exit_code=ended.exit_code,
+                crash_loop=delay > 0,
+                next_restart_at=time.time() + delay if delay > 0 else None,
             )
             self._restarts[spec.task_id] = self._restarts.get(spec.task_id, 0) + 1
-            delay = self._note_exit(spec.task_id, ended)
-        async with self._engine_slots:
-            for container in action.containers:
-                if container.alive:
-                    await self.driver.stop(container, self.settings.stop_grace_seconds)
-                await self.driver.remove(container)
+            set_aside = getattr(self.driver, "set_aside", None)
+            if delay == 0 and set_aside is not None:
+                # The replacement starts while the ended container is removed: a restart
+                # waits for the engine's start only.
+                await set_aside(ended)
+                removing = asyncio.create_task(self._remove_all(action.task_id, action.containers))
+                await self._start(spec, action.reason, removing=removing)
+                return
+        await self._remove_all(action.task_id, action.containers)
         if delay > 0:
             log.info("task is crash looping; restart delayed", extra={"task_id": spec.task_id, "delay": delay})
             return
         await self._start(spec, action.reason)
 
     async def _stop(self, action: Action) -> None:
-        async with self._engine_slots:
-            for container in action.containers:
-                if container.alive:
-                    await self.driver.stop(container, self.settings.stop_grace_seconds)
-                await self.driver.remove(container)
+        await self._remove_all(action.task_id, action.containers)
         last = self._statuses.get(action.task_id)
         deployment = last.deployment if last else next((c.deployment for c in action.containers), "")
         container_id = action.containers[0].container_id if action.containers else (last.container_id if last else None)
         await self._set_status(action.task_id, deployment, TaskState.STOPPED, message=action.reason, container_id=container_id)
         self._forget(action.task_id)
 
+    async def _remove_all(self, task_id: str, containers: Iterable[RuntimeTask]) -> None:
+        containers = tuple(containers)
+        # The stops wait outside the engine slots: a stop's cost is its grace, time the
+        # engine spends idle, and fifty stops with a 10 s grace holding 8 slots would
+        # take a minute and hold up every start meanwhile.
+        await asyncio.gather(*(self.driver.stop(c, self._grace(task_id)) for c in containers if c.alive))
+        async with self._engine_slots:
+            for container in containers:
+                await self.driver.remove(container)
+                self._terminated.pop(container.container_id, None)
+
     async def _adopt(self, action: Action) -> None:
         spec = action.spec
         assert spec is not None
         container = action.containers[0]
+        self._specs[spec.task_id] = spec
+        self._reset_health(spec)
         await self._set_status(
             spec.task_id,
             spec.deployment,
@@ -486,30 +627,187 @@ class Agent:
             container_id=container.container_id,
             host_ports=dict(container.host_ports),
         )
+        self._check_health(spec, container)
+
+    async def _finish(self, action: Action) -> None:
+        spec = action.spec
+        assert spec is not None
+        container = action.containers[0]
+        self._specs[spec.task_id] = spec
+        self._finished[spec.task_id] = container.container_id
+        await self._set_status(
+            spec.task_id,
+            spec.deployment,
+            TaskState.EXITED,
+            message=action.reason,
+            container_id=container.container_id,
+            exit_code=container.exit_code,
+        )
+
+    async def _terminate(self, action: Action) -> None:
+        container = action.containers[0]
+        # Noted before the stop: the pass that sees the exit must know why it happened.
+        self._terminated[container.container_id] = action.reason
+        log.info("stopping unhealthy task", extra={"task_id": action.task_id, "reason": action.reason})
+        await self.driver.stop(container, self._grace(action.task_id))
+
+    # ---- health checks --------------------------------------------------------------------
+    def _reset_health(self, spec: TaskSpec) -> None:
+        previous = self._health.get(spec.task_id)
+        if previous is not None:
+            previous.cancel()
+        self._health[spec.task_id] = _Health.initial(spec)
+
+    def _check_health(self, spec: TaskSpec, container: RuntimeTask) -> None:
+        """Start the task's check loops against ``container``, which has just been reported running."""
+        health = self._health.setdefault(spec.task_id, _Health.initial(spec))
+        health.cancel()
+        health.container_id = container.container_id
+        for which in ("liveness", "readiness"):
+            check: HealthCheck | None = getattr(spec.health, which)
+            if check is not None:
+                health.loops.append(
+                    asyncio.create_task(
+                        self._run_check(spec, container, which, check), name=f"nodeagent-{which}-{spec.task_id}"
+                    )
+                )
+
+    async def _run_check(self, spec: TaskSpec, container: RuntimeTask, which: str, check: HealthCheck) -> None:
+        checker = Checker(check, started_at=container.started_at or time.time())
+        loop = asyncio.get_running_loop()
+        # The first probe at once: a task is ready as soon as it answers, not an interval later.
+        due = loop.time()
+        while True:
+            result = await self._probe(spec, container.container_id, check)
+            verdict = checker.observe(result.ok, result.detail, time.time())
+            if verdict is not None and not await self._on_verdict(spec, container, which, verdict):
+                return
+            due = max(due + check.interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+
+    async def _probe(self, spec: TaskSpec, container_id: str, check: HealthCheck) -> ProbeResult:
+        if not self._can_probe:
+            return ProbeResult(True, f"not probed: the {self.driver.name} runtime runs no processes")
+        try:
+            if check.exec is not None:
+                outcome = await self.driver.exec_check(container_id, check.exec.command, check.timeout)
+                return exec_result(outcome.exit_code, outcome.output, check.exec.command, check.timeout)
+            port = resolve_port(check.port, spec)
+            if port is None:
+                return ProbeResult(False, f"port {check.port!r} is not one of the task's ports")
+            host = await self.driver.probe_target(container_id)
+            if host is None:
+                return ProbeResult(False, "the container has no network address")
+            if check.http is not None:
+                if self._http is None:
+                    self._http = new_http_client()
+                return await probe_http(self._http, host, port, check.http.path, check.http.status, check.timeout)
+            return await probe_tcp(host, port, check.timeout)
+        except Exception as exc:
+            log.warning("probe failed", extra={"task_id": spec.task_id, "error": str(exc)}, exc_info=True)
+            return ProbeResult(False, f"probe failed: {exc}")
+
+    async def _on_verdict(self, spec: TaskSpec, container: RuntimeTask, which: str, verdict: Verdict) -> bool:
+        """Report a changed verdict; False when the check has nothing more to do."""
+        task_id = spec.task_id
+        current = self._statuses.get(task_id)
+        health = self._health.get(task_id)
+        if (
+            current is None
+            or health is None
+            or current.state != TaskState.RUNNING
+            or current.container_id != container.container_id
+        ):
+            return False  # the container is no longer the task's running one
+        setattr(health, which, verdict.state)
+        log.info(
+            "health verdict changed",
+            extra={"task_id": task_id, "check": which, "state": verdict.state.value, "detail": verdict.detail},
+        )
+        event = HealthEvent(
+            task_id=task_id,
+            node_id=self.node_id,
+            deployment=spec.deployment,
+            check=which,  # type: ignore[arg-type]
+            state=verdict.state,
+            previous=verdict.previous,
+            detail=verdict.detail,
+            at=time.time(),
+        )
+        try:
+            await self._publish(event, subjects.health_event(self.node_id))
+        except Exception:
+            log.warning("could not publish health event", extra={"task_id": task_id}, exc_info=True)
+        message = f"{which} check failed: {verdict.detail}" if verdict.state == HealthState.UNHEALTHY else ""
+        await self._set_status(
+            task_id,
+            spec.deployment,
+            TaskState.RUNNING,
+            message=message,
+            container_id=container.container_id,
+            host_ports=dict(current.host_ports),
+        )
+        if which == "liveness" and verdict.state == HealthState.UNHEALTHY:
+            self._terminate_unhealthy(spec, container, message)
+            return False
+        return True
+
+    def _terminate_unhealthy(self, spec: TaskSpec, container: RuntimeTask, reason: str) -> None:
+        health = self._health.get(spec.task_id)
+        if health is not None:
+            health.cancel()
+        if spec.task_id in self._inflight or self._stopping:
+            return  # already being replaced or stopped
+        action = Action(ActionKind.TERMINATE, spec.task_id, reason, spec, (container,))
+        self._inflight[spec.task_id] = asyncio.create_task(self._execute(action), name=f"nodeagent-terminate-{spec.task_id}")
 
     # ---- state --------------------------------------------------------------------------
-    def _note_exit(self, task_id: str, ended: RuntimeTask) -> float:
+    def _note_exit(self, spec: TaskSpec, ended: RuntimeTask) -> float:
         """Count an exit towards the crash loop backoff; the delay before the next start."""
+        ran_for = None
         if ended.started_at is not None and ended.finished_at is not None:
-            if ended.finished_at - ended.started_at >= STABLE_RUN_SECONDS:
-                self._failures[task_id] = 0
-        failures_before = self._failures.get(task_id, 0)
-        self._failures[task_id] = failures_before + 1
-        # The first exit after a healthy run restarts at once; a loop of short runs backs off.
-        return self._back_off(task_id, failures_before)
+            ran_for = ended.finished_at - ended.started_at
+        delay, self._failures[spec.task_id] = exit_backoff(self._failures.get(spec.task_id, 0), ran_for, spec.restart)
+        return self._back_off(spec.task_id, delay)
 
-    def _back_off(self, task_id: str, failures: int) -> float:
-        delay = backoff_delay(failures, self.settings.restart_backoff_max_seconds)
+    def _back_off(self, task_id: str, delay: float) -> float:
         if delay > 0:
             self._not_before[task_id] = time.monotonic() + delay
             self._wake_after(delay, f"backoff of {task_id} over")
         return delay
 
+    def _grace(self, task_id: str) -> float | None:
+        """Seconds between the stop signal and SIGKILL: the task's own, at most the node's cap.
+
+        None for a container of a task this agent never ran: the runtime then uses the
+        grace the container was created with."""
+        spec = self._specs.get(task_id)
+        grace = spec.stop_grace_seconds if spec is not None else None
+        cap = self.settings.stop_grace_seconds
+        if cap is not None:
+            grace = cap if grace is None else min(grace, cap)
+        return grace
+
     def _forget(self, task_id: str) -> None:
-        for table in (self._statuses, self._restarts, self._failures, self._not_before):
+        health = self._health.pop(task_id, None)
+        if health is not None:
+            health.cancel()
+        for table in (self._statuses, self._restarts, self._failures, self._not_before, self._specs, self._finished):
             table.pop(task_id, None)
 
     async def _set_status(self, task_id: str, deployment: str, state: TaskState, **fields: Any) -> None:
+        previous = self._statuses.get(task_id)
+        health = self._health.get(task_id) or _Health()
+        container_id = fields.get("container_id")
+        if health.container_id is not None and (state != TaskState.RUNNING or container_id != health.container_id):
+            health.cancel()  # the container its checks probe is gone or going
+        ready = state == TaskState.RUNNING and health.readiness in (HealthState.NONE, HealthState.HEALTHY)
+        ready_since = None
+        if ready:
+            # Ready since the container first was: a status change that keeps it ready
+            # (a liveness verdict, say) does not restart a rollout's min_healthy_time.
+            still = previous is not None and previous.ready and previous.container_id == container_id
+            ready_since = previous.ready_since if still and previous is not None else time.time()
         status = TaskStatus(
             task_id=task_id,
             node_id=self.node_id,
@@ -517,6 +815,10 @@ class Agent:
             state=state,
             restarts=self._restarts.get(task_id, 0),
             updated_at=time.time(),
+            liveness=health.liveness,
+            readiness=health.readiness,
+            ready=ready,
+            ready_since=ready_since,
             **fields,
         )
         self._statuses[task_id] = status

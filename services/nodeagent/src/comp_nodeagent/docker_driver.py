@@ -12,7 +12,8 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,13 +23,22 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from comp_common import labels
 from comp_common.messages import Capacity, TaskSpec
 
-from .driver import ALIVE_STATES, EventWatch, RuntimeTask, StartError
+from .driver import ALIVE_STATES, EventWatch, ExecOutcome, RuntimeTask, StartError
 
 log = logging.getLogger(__name__)
 
 # Engine events after which a container of ours may need the agent: it ended or vanished.
 _WATCHED_EVENTS = ["die", "destroy"]
 _RECONNECT_SECONDS = 1.0
+# Engine calls that wait on a container rather than on the engine (a stop waits out the
+# grace, an exec its command) run on threads of their own, this many at once.  On the
+# default executor (cores + 4 threads) ten 10 s stops would hold up every other engine
+# call, and stops beyond the thread count would wait for a whole grace each.
+WAIT_THREADS = 64
+# The most of an exec check's output kept: enough for its detail line.
+EXEC_OUTPUT_LIMIT = 4096
+# Name prefix of an ended container set aside for removal (see DockerDriver.set_aside).
+SET_ASIDE_PREFIX = "comp-ended-"
 
 
 def container_name(cluster: str, task_id: str) -> str:
@@ -42,8 +52,12 @@ class DockerDriver:
     def __init__(self, cluster: str, node_id: str, max_concurrency: int = 8, client: docker.DockerClient | None = None):
         self.cluster = cluster
         self.node_id = node_id
-        # One pooled connection per concurrent engine operation, plus a spare for listing.
-        self._client = client or docker.from_env(max_pool_size=max_concurrency + 2)
+        # One pooled connection per concurrent engine operation, plus a spare for listing,
+        # plus one per waiting thread.
+        self._client = client or docker.from_env(max_pool_size=max_concurrency + 2 + WAIT_THREADS)
+        self._waits = ThreadPoolExecutor(max_workers=WAIT_THREADS, thread_name_prefix="docker-wait")
+        # container id -> its address on its network; fixed for the container's life.
+        self._addresses: dict[str, str] = {}
         self._label_filter = [f"{labels.CLUSTER}={cluster}", f"{labels.NODE}={node_id}"]
         # Containers an engine event said died or vanished.  The engine's container listing
         # lags its events (it can still say "running" just after "die"), so these are
@@ -62,11 +76,46 @@ class DockerDriver:
     async def start(self, task: TaskSpec) -> RuntimeTask:
         return await asyncio.to_thread(self._start, task)
 
-    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float) -> None:
-        await asyncio.to_thread(self._stop, runtime_task.container_id, grace_seconds)
+    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float | None) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._waits, self._stop, runtime_task.container_id, grace_seconds)
 
     async def remove(self, runtime_task: RuntimeTask) -> None:
+        self._addresses.pop(runtime_task.container_id, None)
         await asyncio.to_thread(self._remove, runtime_task.container_id)
+
+    async def set_aside(self, runtime_task: RuntimeTask) -> None:
+        """Free the task's container name for its next container at once.
+
+        A rename is metadata only (~10 ms here); a removal deletes the container's
+        filesystem (~100 ms), time a restart need not wait for: the agent removes the
+        set-aside container while the new one starts."""
+        try:
+            await asyncio.to_thread(self._client.api.rename, runtime_task.container_id, _set_aside_name(runtime_task.container_id))
+        except NotFound:
+            pass
+
+    async def probe_target(self, container_id: str) -> str | None:
+        address = self._addresses.get(container_id)
+        if address is None:
+            try:
+                attrs = await asyncio.to_thread(self._client.api.inspect_container, container_id)
+            except NotFound:
+                return None
+            address = _container_address(attrs)
+            if address is not None and attrs["State"].get("Running"):
+                self._addresses[container_id] = address
+        return address
+
+    async def exec_check(self, container_id: str, command: Sequence[str], timeout: float) -> ExecOutcome:
+        run = _Exec(self._client, container_id, list(command))
+        future = asyncio.get_running_loop().run_in_executor(self._waits, run.run)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            # Closing the stream ends the thread's read at once.  The command itself runs on
+            # in the container (the engine has no way to end an exec), as with Kubernetes.
+            run.cancel()
+            return ExecOutcome(None, f"no exit within {timeout:g}s")
 
     async def watch(self, on_event: Callable[[str | None], None]) -> EventWatch:
         watch = _DockerEventWatch(
@@ -80,6 +129,7 @@ class DockerDriver:
         return watch
 
     async def close(self) -> None:
+        self._waits.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._client.close)
 
     # ---- listing -----------------------------------------------------------------------
@@ -95,6 +145,11 @@ class DockerDriver:
             if not task_id:
                 continue
             state = summary.get("State", "")
+            if any(name.lstrip("/").startswith(SET_ASIDE_PREFIX) for name in summary.get("Names") or []):
+                # Set aside by a restart that did not live to remove it: garbage, not a task.
+                if state not in ALIVE_STATES:
+                    self._waits.submit(self._remove_quietly, summary["Id"])
+                    continue
             if state in ALIVE_STATES and summary["Id"] not in ended_by_event:
                 out.append(
                     RuntimeTask(
@@ -211,14 +266,31 @@ class DockerDriver:
             "ports": [(p.container_port, p.protocol) for p in task.ports],
             "host_config": host_config,
             "detach": True,
+            # Kept with the container, so that a stop with no spec at hand (a container of a
+            # task the agent never knew) still uses the task's signal and grace.
+            "stop_signal": task.stop_signal,
+            "stop_timeout": math.ceil(task.stop_grace_seconds),
         }
 
     # ---- stopping ----------------------------------------------------------------------
-    def _stop(self, container_id: str, grace_seconds: float) -> None:
+    def _stop(self, container_id: str, grace_seconds: float | None) -> None:
+        # The engine sends the container's stop signal, waits the timeout, then SIGKILLs.
         try:
+            if grace_seconds is None:
+                # Given explicitly: the SDK's HTTP timeout allows for the timeout it is given,
+                # not for one the engine reads from the container.
+                config = self._client.api.inspect_container(container_id)["Config"]
+                grace_seconds = config.get("StopTimeout")
+                grace_seconds = 10 if grace_seconds is None else grace_seconds
             self._client.api.stop(container_id, timeout=math.ceil(grace_seconds))
         except NotFound:
             pass
+
+    def _remove_quietly(self, container_id: str) -> None:
+        try:
+            self._remove(container_id)
+        except DockerException as exc:
+            log.warning("could not remove a set-aside container", extra={"container_id": container_id, "error": str(exc)})
 
     def _remove(self, container_id: str) -> None:
         try:
@@ -229,6 +301,63 @@ class DockerDriver:
             # Someone else is already removing it: the end result is the same.
             if exc.status_code != 409:
                 raise
+
+
+class _Exec:
+    """One exec check, run on a waiting thread and cancellable from the loop."""
+
+    def __init__(self, client: docker.DockerClient, container_id: str, command: list[str]):
+        self._api = client.api
+        self._container_id = container_id
+        self._command = command
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._stream: Any = None
+
+    def run(self) -> ExecOutcome:
+        # Nothing may escape: after a timeout no one awaits the result any more.
+        try:
+            return self._run()
+        except Exception as exc:
+            return ExecOutcome(None, "cancelled" if self._cancelled else f"exec failed: {exc}")
+
+    def _run(self) -> ExecOutcome:
+        try:
+            exec_id = self._api.exec_create(self._container_id, self._command, stdout=True, stderr=True)["Id"]
+            # stream=True: a stream the loop can close, unlike a plain blocking read.
+            stream = self._api.exec_start(exec_id, stream=True)
+        except NotFound:
+            return ExecOutcome(None, "container not found")
+        except APIError as exc:
+            return ExecOutcome(None, _reason(exc))
+        with self._lock:
+            self._stream = stream
+            cancelled = self._cancelled
+        output = bytearray()
+        try:
+            if not cancelled:
+                for chunk in stream:
+                    if len(output) < EXEC_OUTPUT_LIMIT:
+                        output += chunk[: EXEC_OUTPUT_LIMIT - len(output)]
+        finally:
+            stream.close()
+        if self._cancelled:
+            return ExecOutcome(None, "cancelled")
+        try:
+            exit_code = self._api.exec_inspect(exec_id).get("ExitCode")
+        except APIError as exc:
+            return ExecOutcome(None, _reason(exc))
+        return ExecOutcome(exit_code, output.decode(errors="replace").strip())
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # already closed by the reading thread
+                pass
 
 
 class _DockerEventWatch:
@@ -324,6 +453,18 @@ def _runtime_task(attrs: Mapping[str, Any]) -> RuntimeTask:
         started_at=_parse_engine_time(state.get("StartedAt")),
         finished_at=None if alive else _parse_engine_time(state.get("FinishedAt")),
     )
+
+
+def _set_aside_name(container_id: str) -> str:
+    return f"{SET_ASIDE_PREFIX}{container_id[:16]}"
+
+
+def _container_address(attrs: Mapping[str, Any]) -> str | None:
+    settings = attrs.get("NetworkSettings") or {}
+    for network in (settings.get("Networks") or {}).values():
+        if network and network.get("IPAddress"):
+            return str(network["IPAddress"])
+    return settings.get("IPAddress") or None
 
 
 def _ports_from_inspect(ports: Mapping[str, list[dict[str, str]] | None]) -> dict[str, int]:

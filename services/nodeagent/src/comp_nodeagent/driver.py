@@ -7,9 +7,9 @@ another one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from comp_common.messages import Capacity, TaskSpec
 
@@ -42,6 +42,14 @@ class RuntimeTask:
         return self.state in ALIVE_STATES
 
 
+@dataclass(frozen=True)
+class ExecOutcome:
+    """How a command run inside a container ended: its exit code, or None and why not."""
+
+    exit_code: int | None
+    output: str = ""
+
+
 class StartError(RuntimeError):
     """A task could not be started; the message is shown to users as the FAILED reason."""
 
@@ -65,8 +73,12 @@ class RuntimeDriver(Protocol):
         """Create and start the task's container; raises :class:`StartError` with a user-facing reason."""
         ...
 
-    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float) -> None:
-        """Ask the process to end, kill it after ``grace_seconds``; a gone container is no error."""
+    async def stop(self, runtime_task: RuntimeTask, grace_seconds: float | None) -> None:
+        """Send the task's stop signal, kill the process after ``grace_seconds`` (None: the
+        grace the container was created with); a gone container is no error.
+
+        Returns once the process has ended, so it may take the whole grace: callers run
+        stops concurrently and must not hold anything scarce while one waits."""
         ...
 
     async def remove(self, runtime_task: RuntimeTask) -> None:
@@ -80,6 +92,35 @@ class RuntimeDriver(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    # Optional.  A driver without it has ended containers removed before their
+    # replacement starts.
+    async def set_aside(self, runtime_task: RuntimeTask) -> None:
+        """Make the ended container's name free for the task's next container, cheaply; the
+        container is removed with :meth:`remove` later, meanwhile it is not listed as a task
+        once it is no longer in flight."""
+        ...
+
+    # Health probes.  Optional: see :func:`can_probe`.
+    async def probe_target(self, container_id: str) -> str | None:
+        """The address at which HTTP and TCP checks reach the container's ports, or None if
+        it has none (not running, or on no network)."""
+        ...
+
+    async def exec_check(self, container_id: str, command: Sequence[str], timeout: float) -> ExecOutcome:
+        """Run ``command`` in the container; its exit code, or None (with the reason as output)
+        when it did not end within ``timeout`` or could not run."""
+        ...
+
+
+def can_probe(driver: Any) -> bool:
+    """Whether health checks can reach the runtime's containers.
+
+    A runtime that runs no processes (the hollow driver) has nothing to probe; without
+    ``probe_target`` and ``exec_check`` its tasks pass every check, so readiness and
+    liveness still run through the agent's logic, only the probe is skipped.
+    """
+    return callable(getattr(driver, "probe_target", None)) and callable(getattr(driver, "exec_check", None))
 
 
 def _docker(settings: NodeAgentSettings) -> RuntimeDriver:

@@ -113,7 +113,11 @@ class NodeAgentGroup(BaseModel):
     memory: int | None = None
     # Where this node's published ports are reachable, as told to the rest of the cluster.
     address: str = "127.0.0.1"
-    stop_grace_seconds: float = Field(default=10.0, ge=0)
+    # Each task stops with its own grace (its deployment's stop_grace_period); this caps it
+    # on this node, e.g. for tests or a host that must drain fast.  None: no cap.
+    stop_grace_seconds: float | None = Field(default=None, ge=0)
+    # Cap of the backoff between failed starts (the engine could not start the container).
+    # Exits back off by the task's own restart policy (max_delay, reset_after).
     restart_backoff_max_seconds: float = Field(default=30.0, gt=0)
     # Agents in this process.  Above 1 (hollow driver only, for scale tests) the nodes are
     # ``<node_id>-1`` ... ``<node_id>-<count>``, all sharing one NATS connection.
