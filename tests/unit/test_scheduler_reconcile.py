@@ -75,7 +75,9 @@ _, WEB_0 = desired(replicas=0)
         ("surplus task on down node stopped", {KEY: WEB_1}, observed({**nodes("a", status=NodeStatus.DOWN), **nodes("b")}, task("t1", "a", WEB), task("t2", "b", WEB)), 0, ["t1"], "node a is down; not needed", None),
         ("task on unknown node kept", {KEY: WEB_1}, observed({**nodes("a", status=NodeStatus.UNKNOWN), **nodes("b")}, task("t1", "a", WEB)), 0, [], None, None),
         ("task on vanished node replaced", {KEY: WEB_1}, observed(nodes("b"), task("t1", "a", WEB)), 1, ["t1"], "node a is down; replaced by web-", None),
-        ("spec change replaces", {KEY: WEB_V2}, observed(nodes("a"), task("t1", "a", WEB), task("t2", "a", WEB), task("t3", "a", WEB)), 3, ["t1", "t2", "t3"], "spec changed (generation 1); replacing", None),
+        # A rolling update (default surge 25% of 3 -> 1, none unavailable): one new task first,
+        # no old one stopped before it is healthy (test_scheduler_reconcile_rollout.py has the rest).
+        ("spec change starts a rolling update", {KEY: WEB_V2}, observed(nodes("a"), task("t1", "a", WEB), task("t2", "a", WEB), task("t3", "a", WEB)), 1, [], None, None),
         ("no nodes: pending", {KEY: WEB}, observed({}), 0, [], None, "no nodes in the cluster"),
         ("too small: pending with reason", {KEY: WEB}, observed(nodes("a", cpu=1.0)), 2, [], None, "no feasible node (1 node: insufficient cpu)"),
     ],
@@ -214,9 +216,19 @@ def test_a_new_constraint_replaces_replicas_onto_matching_nodes():
     key, old = desired(replicas=2)
     _, new = desired(replicas=2, constraints=[{"label": "zone", "value": "b"}])
     world = observed({**nodes("a", labels={"zone": "a"}), **nodes("b", labels={"zone": "b"})}, task("t1", "a", old), task("t2", "b", old))
-    plan = reconcile({key: new}, world, 0, random.Random(0))
-    assert sorted(s.task_id for s in plan.stops) == ["t1", "t2"]
-    assert [p.node_id for p in plan.places] == ["b", "b"]
+    rng = random.Random(0)
+    plan = reconcile({key: new}, world, 0, rng)
+    # A rolling update: the first new replica (surge 1) before any old one is stopped.
+    assert plan.stops == () and [p.node_id for p in plan.places] == ["b"]
+    tasks = dict(world.tasks)
+    for now in range(1, 6):
+        for stop in plan.stops:
+            del tasks[stop.task_id]
+        for place in plan.places:
+            tasks[place.task_id] = task(place.task_id, place.node_id, new, created_at=now)
+        plan = reconcile({key: new}, observed(dict(world.nodes), *tasks.values()), now, rng)
+    assert plan.empty
+    assert sorted((t.node_id, t.spec_hash) for t in tasks.values()) == [("b", new.spec_hash)] * 2
 
 
 # ---- properties -----------------------------------------------------------------------------

@@ -166,6 +166,21 @@ def test_generations_of_old_tasks_are_named_in_reasons():
     assert reasons["a-0"] == f"rolling update to generation {GEN}; 0 stay healthy (min 0)"
 
 
+def test_an_old_task_of_unknown_generation_is_called_outdated():
+    step = plan(policy(1, 0), 1, old=[RolloutTask("x", 0, TaskState.EXITED, 0.0)])
+    assert [s.reason for s in step.stops] == ["outdated task is exited; replaced first"]
+
+
+def test_a_finished_new_task_is_healthy_if_it_exited_0_and_fails_the_rollout_otherwise():
+    done = RolloutTask("done", GEN, TaskState.EXITED, NOW - 1, finished=True, exit_code=0)
+    step = plan(policy(1, 0), 1, old=olds(1), new=[done])
+    assert step.healthy == ("done",) and [s.task_id for s in step.stops] == ["old-0"]
+    crashed = replace(done, exit_code=2)
+    step = plan(policy(1, 0), 1, old=olds(1), new=[crashed])
+    assert step.state is RolloutState.FAILED
+    assert [f.reason for f in step.failed_tasks] == ["done exited with code 2 and is not restarted (restart policy)"]
+
+
 # --- min_healthy_time and readiness ---------------------------------------------------------
 
 

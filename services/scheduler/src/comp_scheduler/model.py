@@ -14,6 +14,8 @@ from typing import Mapping
 from comp_common.manifest import DeploymentSpec
 from comp_common.messages import TaskState
 
+from .rollout import RolloutStep
+
 
 class NodeStatus(StrEnum):
     READY = "ready"
@@ -60,6 +62,38 @@ class Task:
     host_ports: frozenset[tuple[int, str]] = frozenset()
     created_at: float = 0.0
     state: TaskState = TaskState.PENDING
+    # Health, for rollouts and start order (TaskStatus.ready, ready_since, crash_loop).
+    ready: bool = False
+    ready_since: float | None = None
+    # Whether the task's spec has a readiness check.  Without one, running is serving; the
+    # default keeps a caller that never reports readiness rolling forward on RUNNING alone.
+    readiness_check: bool = False
+    crash_loop: bool = False
+    # The generation the task was created for, where the caller knows it (0: unknown); only
+    # ever shown in reasons, as which version a stopped task ran.
+    generation: int = 0
+    # The task's restart condition (TaskSpec.restart.condition) and, once it has exited, its
+    # exit code (TaskStatus.exit_code): together they say whether the agent will run it again.
+    restart: str = "always"
+    exit_code: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Exited for good: the agent will not start it again (its restart condition is
+        ``never``, or ``on-failure`` and it exited 0).  See reconcile on what that means."""
+        if self.state is not TaskState.EXITED or self.crash_loop:
+            return False
+        return self.restart == "never" or (self.restart == "on-failure" and self.exit_code == 0)
+
+    @property
+    def succeeded(self) -> bool:
+        """Finished, and with exit code 0: it did what it was run for."""
+        return self.finished and self.exit_code == 0
+
+    @property
+    def serving(self) -> bool:
+        """Running, and ready where its spec has a readiness check."""
+        return self.state is TaskState.RUNNING and (self.ready or not self.readiness_check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +105,16 @@ class Desired:
     spec: DeploymentSpec
     spec_hash: str
     generation: int = 1
+    # The deployment record's promoted_generation is this generation: its canaries are released.
+    promoted: bool = False
+    # This generation's revision has healthy_at set: a rollout of it completed.  Until then
+    # each round plans a rollout step even with no old task left, so that its deadlines are
+    # watched and its completion is reported.  True by default: a caller that tracks no
+    # revisions gets a step only while tasks of another spec remain.
+    settled: bool = True
+    # Task ids an earlier step of this generation's rollout reported healthy
+    # (RolloutStep.healthy, remembered by the caller): their healthy_deadline no longer applies.
+    seen_healthy: frozenset[str] = frozenset()
 
     @property
     def host_ports(self) -> frozenset[tuple[int, str]]:
@@ -146,6 +190,11 @@ class Plan:
     places: tuple[Place, ...] = ()
     stops: tuple[Stop, ...] = ()
     pending: tuple[Pending, ...] = ()
+    # (deployment key, the step planned for it this round) for each deployment with tasks of
+    # another spec or a generation not yet settled, by key.  The step's stops and starts are
+    # already among ``stops`` and ``places``; this is what the caller reports and acts on
+    # (events, auto-revert, timers for wake_at, marking the revision healthy).
+    rollouts: tuple[tuple[str, RolloutStep], ...] = ()
 
     @property
     def empty(self) -> bool:

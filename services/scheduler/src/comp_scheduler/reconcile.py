@@ -19,7 +19,47 @@ replaced).  A placement that would raise that past a bound stays pending, saying
 ("namespace team-a quota: cpu 4/4 cores used, a task needs 0.5").  Placements that replace
 a task (on a down or draining node, or a rebalancing move) do not raise it and are not held
 back.  Nothing already running is stopped for a lowered quota: the namespace just gets no
-new placements until it is back under.
+new placements until it is back under.  Mid-rollout a deployment's every task counts, old
+ones and the surge alike (the room is really taken), so a namespace at its quota rolls
+only by ``max_unavailable``: a surge start stays pending with the quota reason while the
+rollout step still says progressing.
+
+Rolling updates (``rollout.plan_rollout``).  A task of another spec hash than its
+deployment's is *old*, whichever generation it was (a change mid-rollout makes both older
+specs old).  Each round, a deployment with old tasks, or whose generation is not yet
+``settled``, gets a rollout step, reported in ``Plan.rollouts``.  With old tasks, the step
+decides: its stops are made, and the deployment holds its kept current tasks plus the
+step's starts instead of ``replicas`` (scale down and placement both follow that count).
+Without old tasks (a first deploy, or once the old ones are gone) the step only watches
+deadlines and completion; the replicas are placed and scaled as ever, a failed verdict
+included: there is nothing older to keep.  Old tasks:
+
+- on a down node: stopped at once, not kept until replaced as a current task is;
+- on a draining node: old like the rest, and passed to the step first, so that where it
+  has a choice it stops those;
+- otherwise they hold their room, host ports and replica counts in the placement ledger
+  until stopped, and lower-priority ones may be preempted (the replica one was is then
+  started as the new version, room allowing).
+
+Current tasks on draining nodes are not given to the step: they leave as drained tasks do,
+stopped once enough run elsewhere (old ones included).  A deployment with a rollout step
+is never rebalanced.
+
+Start order (``startorder``).  A deployment with ``depends_on`` and no running task (of any
+generation) is placed only once its dependencies in the same namespace are met; until then
+its missing replicas are pending with the reason ("waiting for db to be healthy: 1/2
+ready").  A cycle among the desired deployments is pending as "depends_on cycle: a -> b ->
+a" (the shortest through the deployment) rather than waited on.  Dependencies are counted
+from the observed tasks not on down nodes, every generation.
+
+Finished tasks.  A task that exited and will not be started again by its agent (restart
+condition ``never``, or ``on-failure`` with exit code 0; ``Task.finished``) is done, not
+missing: it stays counted as one of the replicas wherever its node is (down or draining
+included) and is not replaced, as a replacement would only run again what its restart
+policy said not to.  It goes first on a scale down, and a spec change replaces it like
+any old task.  In a rollout a finished new task counts as healthy when it exited 0 and
+fails the rollout otherwise; for start order, one that exited 0 counts as running and
+ready, so a one-shot dependency (a migration) is met once it has succeeded.
 
 Rebalancing (``rebalance``, a :class:`RebalancePolicy`).  When nodes join or recover, a
 deployment with the spread strategy (a binpack deployment is never moved for spread) is
@@ -29,8 +69,9 @@ fewer running than before.  reconcile keeps no memory between rounds; a move is 
 the observed tasks alone:
 
 - Starting a move: a deployment is eligible when it holds exactly its replicas, all
-  RUNNING, none on draining or down nodes.  Its *crowding* per node is its replicas there
-  plus, with ``spread_by``, its replicas in that node's domain.  A move from node s to a
+  RUNNING, none on draining or down nodes, and it has no rollout step.  Its *crowding*
+  per node is its replicas there plus, with ``spread_by``, its replicas in that node's
+  domain.  A move from node s to a
   feasible node t (every placement filter passes: constraints, taints, max_per_node, room)
   is made only when it strictly improves the spread by the policy's margin (>= 2):
   s holds >= margin more replicas than t and, with spread_by, t is in s's domain or in
@@ -57,6 +98,7 @@ the observed tasks alone:
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
@@ -64,12 +106,16 @@ from itertools import groupby
 from types import MappingProxyType
 from typing import Mapping, Sequence, Union
 
+from comp_common.manifest import dependency_cycle
 from comp_common.messages import NamespaceRecord, TaskState
 from comp_common.quantities import format_memory
 from comp_common.quota import Quota
+from comp_common.subjects import deployment_key
 
 from .model import Desired, Node, NodeStatus, Observed, Pending, Place, Plan, RebalancePolicy, Stop, Task
 from .placement import DEFAULT_STRATEGY, PlacementSession, Placer, Request, Resident, Usage
+from .rollout import RolloutStep, RolloutTask, plan_rollout
+from .startorder import DependencyStatus, start_blocked
 
 # When scaling down, tasks that are not doing useful work go first, then the newest.
 _STOP_PREFERENCE = {
@@ -83,6 +129,7 @@ _STOP_PREFERENCE = {
 _STARTING = frozenset({TaskState.PENDING, TaskState.STARTING})
 DEFAULT_REBALANCE = RebalancePolicy()
 _NO_NAMESPACES: Mapping[str, Quota] = MappingProxyType({})
+_EVERY_TASK = 1 << 62  # a count no deployment reaches
 
 NamespaceQuota = Union[Quota, NamespaceRecord]
 
@@ -100,8 +147,9 @@ def reconcile(
     namespaces: Mapping[str, NamespaceQuota] = _NO_NAMESPACES,
     rebalance: RebalancePolicy = DEFAULT_REBALANCE,
 ) -> Plan:
-    """Stops, then placements (priority levels highest first, namespaces interleaved by
-    dominant resource fairness within a level), then rebalancing moves.
+    """Stops (rollout steps among them), then placements (priority levels highest first,
+    namespaces interleaved by dominant resource fairness within a level, start order
+    gating), then rebalancing moves.
 
     ``default_strategy`` ranks nodes for deployments that do not name a strategy.
     ``namespaces`` maps a namespace name to its quota (a :class:`Quota` or the stored
@@ -114,23 +162,35 @@ def reconcile(
     # replacement is placed, so losing touch with a node never lowers availability.
     lost: dict[str, list[Task]] = defaultdict(list)
 
+    # Tasks of another spec than their deployment's: replaced by a rolling update.
+    outdated: dict[str, list[Task]] = defaultdict(list)
+
     for task in sorted(observed.tasks.values(), key=lambda t: t.task_id):
         want = desired.get(task.deployment)
         node = observed.nodes.get(task.node_id)
         if want is None:
             stops.append(Stop(task.task_id, task.deployment, task.node_id, "deployment deleted"))
-        elif task.spec_hash != want.spec_hash:
-            stops.append(
-                Stop(task.task_id, task.deployment, task.node_id, f"spec changed (generation {want.generation}); replacing")
-            )
+        elif task.spec_hash == want.spec_hash:
+            if node is not None and node.status is not NodeStatus.DOWN:
+                kept[task.deployment].append(task)
+            elif task.finished:
+                # Done as its restart policy asked: nothing runs that a down node could
+                # have lost, and a replacement would only run it again.
+                kept[task.deployment].append(task)
+            else:
+                lost[task.deployment].append(task)
         elif node is None or node.status is NodeStatus.DOWN:
-            lost[task.deployment].append(task)
+            # Not kept until replaced, as a current task would be: the rollout replaces it
+            # anyway, and counting it would hold back stopping old tasks that do serve.
+            stops.append(
+                Stop(task.task_id, task.deployment, task.node_id, f"node {task.node_id} is down; outdated (generation {want.generation} rolling out)")
+            )
         else:
-            kept[task.deployment].append(task)
+            outdated[task.deployment].append(task)
 
     def on_draining_node(task: Task) -> bool:
         node = observed.nodes.get(task.node_id)
-        return node is not None and node.draining
+        return node is not None and node.draining and not task.finished
 
     # Draining: a task on a draining node keeps serving but is not counted, so a replacement
     # is placed elsewhere; it is stopped only once enough replacements run that the
@@ -147,10 +207,27 @@ def reconcile(
 
     moves_in_flight = 0
     settling: set[str] = set()  # stopped surplus that had not come up: no new move this round
+    rollouts: list[tuple[str, RolloutStep]] = []
+    rolling: set[str] = set()  # a rollout is planned: never rebalanced meanwhile
+    # Deployments whose step replaced the plain count: how many of the current spec they
+    # should hold after this round (kept plus the step's starts), and the old tasks it left.
+    target: dict[str, int] = {}
+    still_old: dict[str, list[Task]] = {}
     for key in sorted(desired):
         want = desired[key]
+        old = outdated.get(key)
+        if old or not want.settled:
+            rolling.add(key)
+            step = _rollout_step(want, old or [], kept.get(key, []), on_draining_node, now)
+            rollouts.append((key, step))
+            if old:
+                # Without old tasks the step only watches (deadlines, completion): the
+                # replicas are placed and scaled as ever below.
+                _apply_step(key, step, old, kept, stops)
+                still_old[key] = [t for t in old if t.task_id not in _stopped_ids(step)]
+                target[key] = len(kept.get(key, ())) + step.start
         tasks = kept.get(key, [])
-        extra = len(tasks) - want.spec.replicas
+        extra = len(tasks) - target.get(key, want.spec.replicas)
         if extra > 0:
             if rebalanced(want):
                 victims, waiting, reason = _surplus_to_stop(tasks, extra, want, observed.nodes, now, rebalance)
@@ -168,6 +245,8 @@ def reconcile(
                 kept[key] = tasks[extra:]
         if key in leaving:
             running_elsewhere = sum(t.state is TaskState.RUNNING for t in kept.get(key, []))
+            # Old tasks still serving elsewhere stand in as well as new ones.
+            running_elsewhere += sum(t.state is TaskState.RUNNING and not on_draining_node(t) for t in still_old.get(key, ()))
             can_stop = running_elsewhere + len(leaving[key]) - want.spec.replicas
             for task in sorted(leaving[key], key=lambda t: (_STOP_PREFERENCE.get(t.state, 0), t.task_id))[: max(0, can_stop)]:
                 stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is draining; replacements run elsewhere"))
@@ -182,17 +261,17 @@ def reconcile(
             for key in _rebalance_candidates(
                 desired, kept, leaving, lost, observed.nodes, schedulable, rebalance.margin, rebalanced
             )
-            if key not in settling
+            if key not in settling and key not in rolling
         ]
 
-    missing_any = any(want.spec.replicas > len(kept.get(key, ())) for key, want in desired.items())
+    missing_any = any(target.get(key, want.spec.replicas) > len(kept.get(key, ())) for key, want in desired.items())
     if not missing_any and not candidates:
         # Converged: the common round. Nothing to place, so no ledger and no placer to build;
         # what is lost is all surplus.
         for key in sorted(lost, key=lambda k: (-desired[k].spec.priority, k)):
             for task in lost[key]:
                 stops.append(Stop(task.task_id, key, task.node_id, f"node {task.node_id} is down; not needed"))
-        return Plan(stops=tuple(stops))
+        return Plan(stops=tuple(stops), rollouts=tuple(rollouts))
 
     requests = {key: Request.of(want) for key, want in desired.items()}
     priorities = [r.priority for r in requests.values()]
@@ -204,7 +283,10 @@ def reconcile(
     residents: dict[str, dict[str, Resident]] = defaultdict(dict)
     preemption_possible = lowest_priority < highest_priority
     running = {key: len(tasks) for key, tasks in kept.items()}
-    for key, tasks in kept.items():
+    old_ids = {task.task_id for tasks in still_old.values() for task in tasks}
+    # Old tasks a rollout has not stopped yet hold their room and ports like any replica
+    # (and count for max_per_node and spread, being replicas on those nodes until stopped).
+    for key, tasks in itertools.chain(kept.items(), still_old.items()):
         wanted = requests[key]
         for task in tasks:
             request = wanted
@@ -217,10 +299,18 @@ def reconcile(
     placer = Placer(list(observed.nodes.values()), usage, default_strategy)
 
     # Steady-state usage per namespace, for quotas and fair shares (see the module docstring).
-    held = {key: len(kept.get(key, ())) + still_serving.get(key, 0) + len(lost.get(key, ())) for key in desired}
+    held = {
+        key: len(kept.get(key, ())) + still_serving.get(key, 0) + len(lost.get(key, ())) + len(still_old.get(key, ()))
+        for key in desired
+    }
+    # Up to how many of what a deployment holds count: its replicas, except mid-rollout,
+    # where the surge is real room taken, and every task counts.
+    counted = {key: want.spec.replicas for key, want in desired.items()}
+    for key in target:
+        counted[key] = _EVERY_TASK
     namespace_usage: dict[str, _NamespaceUsage] = defaultdict(_NamespaceUsage)
     for key, want in desired.items():
-        namespace_usage[want.namespace].add(requests[key], min(held[key], want.spec.replicas))
+        namespace_usage[want.namespace].add(requests[key], min(held[key], counted[key]))
     capacity_cpu = sum(n.cpu for n in schedulable)
     capacity_memory = sum(n.memory for n in schedulable)
 
@@ -240,7 +330,7 @@ def reconcile(
         done (all placed, or the rest pending), False when the namespace's (dominant share,
         name) passes ``rival``, the next namespace's, whose turn it then is."""
         key, want, request = filling.key, filling.want, filling.request
-        namespace, replicas = want.namespace, want.spec.replicas
+        namespace, replicas = want.namespace, counted[key]
         quota = quotas.get(namespace)
         used = namespace_usage[namespace]
         orphans = filling.orphans
@@ -293,14 +383,41 @@ def reconcile(
             if rival is not None and (dominant_share(namespace), namespace) > rival:
                 return False
 
+    dependency_views: dict[str, DependencyStatus] | None = None
+    graphs: dict[str, dict[str, list[str]]] = {}
+
+    def start_gate(key: str, want: Desired) -> str | None:
+        """Why ``want``'s replicas may not start yet (start order), or None."""
+        nonlocal dependency_views
+        if dependency_views is None:
+            dependency_views = _dependency_views(desired, observed)
+        own = dependency_views.get(key)
+        if own is not None and own.running > 0:
+            return None  # the gate is for a start from nothing (see startorder)
+        namespace = want.namespace
+        graph = graphs.get(namespace)
+        if graph is None:
+            graph = graphs[namespace] = {
+                d.name: [dep.name for dep in d.spec.depends_on] for d in desired.values() if d.namespace == namespace and d.spec.depends_on
+            }
+        cycle = dependency_cycle(graph, want.name)
+        if cycle:
+            return "depends_on cycle: " + " -> ".join(cycle)
+        views = dependency_views
+        return start_blocked(want.spec.depends_on, lambda name: views.get(deployment_key(namespace, name)), running=0)
+
     def preempt(victim: Resident, key: str, request: Request, node_id: str) -> None:
         loser = victim.request
         stops.append(Stop(victim.task_id, loser.deployment, node_id, f"preempted by {key} (priority {request.priority} > {loser.priority})"))
         del residents[node_id][victim.task_id]
-        running[loser.deployment] -= 1
-        preempted.add(loser.deployment)
         loser_want = desired[loser.deployment]
-        if held[loser.deployment] <= loser_want.spec.replicas:
+        if victim.task_id in old_ids:
+            # The rollout counted it as serving: the replica it was is now for the new version.
+            target[loser.deployment] = min(target[loser.deployment] + 1, loser_want.spec.replicas)
+        else:
+            running[loser.deployment] -= 1
+        preempted.add(loser.deployment)
+        if held[loser.deployment] <= counted[loser.deployment]:
             namespace_usage[loser_want.namespace].add(requests[loser.deployment], -1)
         held[loser.deployment] -= 1
 
@@ -311,7 +428,7 @@ def reconcile(
         queues: dict[str, deque[_Filling]] = {}
         for key in level:
             want = desired[key]
-            missing = want.spec.replicas - running.get(key, 0)
+            missing = target.get(key, want.spec.replicas) - running.get(key, 0)
             orphans = lost.get(key, [])
             # Lost tasks beyond what is missing are surplus whatever happens; so are those that
             # tasks still serving on draining nodes already stand in for.
@@ -321,6 +438,11 @@ def reconcile(
                 held[key] -= 1
             if missing <= 0:
                 continue
+            if want.spec.depends_on:
+                blocked = start_gate(key, want)
+                if blocked is not None:
+                    pending.append(Pending(key, missing, blocked))
+                    continue
             # Preemption needs someone of lower priority to stop; none is lower than the lowest.
             filling = _Filling(key, want, requests[key], missing, deque(orphans[:keep_orphans]), priority > lowest_priority)
             queues.setdefault(want.namespace, deque()).append(filling)
@@ -353,7 +475,75 @@ def reconcile(
         places.extend(moves)
         moved += len(moves)
 
-    return Plan(places=tuple(places), stops=tuple(stops), pending=tuple(pending))
+    return Plan(places=tuple(places), stops=tuple(stops), pending=tuple(pending), rollouts=tuple(rollouts))
+
+
+def _rollout_task(task: Task, generation: int, seen_healthy: frozenset[str]) -> RolloutTask:
+    return RolloutTask(
+        task.task_id,
+        generation,
+        task.state,
+        task.created_at,
+        ready=task.ready,
+        ready_since=task.ready_since,
+        readiness_check=task.readiness_check,
+        crash_loop=task.crash_loop,
+        was_healthy=task.task_id in seen_healthy,
+        finished=task.finished,
+        exit_code=task.exit_code,
+    )
+
+
+def _rollout_step(want: Desired, old: list[Task], new: list[Task], on_draining_node, now: float) -> RolloutStep:
+    # Old tasks on draining nodes first: where the rollout has a choice, it empties those.
+    old_first = sorted(old, key=lambda t: not on_draining_node(t))
+    return plan_rollout(
+        want.spec.update,
+        want.spec.replicas,
+        want.generation,
+        want.promoted,
+        [_rollout_task(t, t.generation, frozenset()) for t in old_first],
+        [_rollout_task(t, want.generation, want.seen_healthy) for t in new],
+        now,
+    )
+
+
+def _stopped_ids(step: RolloutStep) -> set[str]:
+    return {s.task_id for s in step.stops}
+
+
+def _apply_step(key: str, step: RolloutStep, old: list[Task], kept: dict[str, list[Task]], stops: list[Stop]) -> None:
+    """Add the step's stops (in its order) and take them out of ``kept``."""
+    if not step.stops:
+        return
+    by_id = {t.task_id: t for t in old}
+    by_id.update((t.task_id, t) for t in kept.get(key, ()))
+    for stop in step.stops:
+        task = by_id[stop.task_id]
+        stops.append(Stop(task.task_id, key, task.node_id, stop.reason))
+    gone = _stopped_ids(step)
+    kept[key] = [t for t in kept.get(key, ()) if t.task_id not in gone]
+
+
+def _dependency_views(desired: Mapping[str, Desired], observed: Observed) -> dict[str, DependencyStatus]:
+    """Each desired deployment's replicas, and its tasks running and ready (every generation,
+    on nodes not down), as start order reads them: one pass over the tasks."""
+    running: Counter[str] = Counter()
+    ready: Counter[str] = Counter()
+    for task in observed.tasks.values():
+        if task.deployment not in desired:
+            continue
+        node = observed.nodes.get(task.node_id)
+        if node is None or node.status is NodeStatus.DOWN:
+            continue
+        # A task that finished with exit 0 and is never run again (a one-shot job such as a
+        # migration) has done what its dependants waited for.
+        done = task.succeeded
+        if task.state is TaskState.RUNNING or done:
+            running[task.deployment] += 1
+        if task.serving or done:
+            ready[task.deployment] += 1
+    return {key: DependencyStatus(want.spec.replicas, running[key], ready[key]) for key, want in desired.items()}
 
 
 @dataclass(slots=True)

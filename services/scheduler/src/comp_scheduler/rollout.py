@@ -30,6 +30,9 @@ The rules, after Kubernetes' Deployment controller and Nomad's update stanza:
   and only happen when there are old tasks to protect.
 * The bounds always follow the current ``replicas``: scaling during a rollout moves them.
   Surplus new tasks (scaled below their count) are stopped, the least useful first.
+* A new task that has finished for good (exited, and its restart policy will not run it
+  again) counts as healthy if it exited 0: it did what it was run for, and waiting for it
+  to serve would wait for ever.  One that exited otherwise fails the rollout.
 * A new task that is failed, crash-looping, or not healthy by ``healthy_deadline`` after its
   creation fails the rollout: nothing more starts or stops, except what a scale down puts
   beyond ``replicas + surge``, so the service can revert to a known version
@@ -76,6 +79,10 @@ class RolloutTask:
     # longer applies to it, so a later blip of readiness does not fail the rollout (Nomad
     # sets an allocation's deployment health once).  See RolloutStep.healthy.
     was_healthy: bool = False
+    # Exited, and its restart policy will not start it again (never, or on-failure after
+    # exit code 0); exit_code says how it ended.
+    finished: bool = False
+    exit_code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +128,13 @@ class RolloutStep:
 
 # Reasons, so that events and tests name the same things.
 STOP_NOT_SERVING = "generation {generation} task is {what}; replaced first"
+# The same, for an old task whose generation the caller does not know (generation 0).
+STOP_NOT_SERVING_UNKNOWN = "outdated task is {what}; replaced first"
 STOP_REPLACED = "rolling update to generation {generation}; {healthy} stay healthy (min {min_healthy})"
 STOP_SCALED_DOWN = "scaled down to {replicas}"
 FAIL_FAILED = "{task_id} could not start"
 FAIL_CRASH_LOOP = "{task_id} is crash-looping"
+FAIL_EXITED = "{task_id} exited with code {exit_code} and is not restarted (restart policy)"
 FAIL_DEADLINE = "{task_id} not healthy within {deadline} of its creation (healthy_deadline)"
 
 
@@ -175,6 +185,10 @@ def _rank_new(task: RolloutTask, policy: UpdatePolicy, now: float) -> tuple[_Ran
         return _Rank.FAILING, FAIL_FAILED.format(task_id=task.task_id), None
     if task.crash_loop:
         return _Rank.FAILING, FAIL_CRASH_LOOP.format(task_id=task.task_id), None
+    if task.finished:
+        if task.exit_code == 0:
+            return _Rank.HEALTHY, None, None
+        return _Rank.FAILING, FAIL_EXITED.format(task_id=task.task_id, exit_code=task.exit_code), None
     wake: float | None = None
     if _serves(task):
         # An agent that predates readiness sends no ready_since: creation is the best bound.
@@ -339,7 +353,11 @@ def _rolling(
             serving.append(task)
         else:
             what = task.state.value if task.state is not TaskState.RUNNING else "not ready"
-            stops.append(TaskReason(task.task_id, STOP_NOT_SERVING.format(generation=task.generation, what=what)))
+            if task.generation > 0:
+                reason = STOP_NOT_SERVING.format(generation=task.generation, what=what)
+            else:
+                reason = STOP_NOT_SERVING_UNKNOWN.format(what=what)
+            stops.append(TaskReason(task.task_id, reason))
 
     healthy_now = new_healthy + len(serving)
     retire = min(max(0, healthy_now - bounds.min_healthy), len(serving))
