@@ -288,6 +288,9 @@ class ReconcileRecorder:
     async def reconcile(self, trigger: str) -> None:
         self.triggers.append(trigger)
 
+    async def on_nudge(self, nudge: Nudge) -> None:
+        await self.reconcile(f"nudge version {nudge.version}")
+
 
 async def test_one_wildcard_subscription_dispatches_nudges_by_subject() -> None:
     agents = {node_id: ReconcileRecorder(node_id) for node_id in ("h-1", "h-2")}
@@ -309,3 +312,27 @@ async def test_one_wildcard_subscription_dispatches_nudges_by_subject() -> None:
 
         await test_broker.publish(Nudge(node_id="h-1", version=1), subjects.node_nudge("h-1"))
         assert agents["h-1"].triggers == ["nudge version 1"]
+
+
+def test_fleet_heartbeats_are_what_model_dump_json_writes_with_the_task_list_serialised_once():
+    from comp_common.messages import TaskStatus
+
+    fleet = FleetPublisher(None)  # type: ignore[arg-type]
+    statuses = [
+        TaskStatus(task_id=f"t{i}", node_id="h-1", deployment="default.web", state=TaskState.RUNNING, host_ports={"80/tcp": 32768 + i})
+        for i in range(3)
+    ]
+    beat = Heartbeat(
+        node_id="h-1", seq=1, sent_at=1.0, started_at=0.0, driver="hollow", capacity=Capacity(cpu=8, memory=1),
+        allocated=Capacity(cpu=0.3, memory=3), labels={"zone": "a"}, tasks=statuses,
+    )
+    first = fleet._heartbeat_json(beat)
+    assert first == beat.model_dump_json().encode()
+    cached = fleet._task_lists["h-1"][1]
+    second = beat.model_copy(update={"seq": 2, "tasks": list(statuses)})
+    assert fleet._heartbeat_json(second) == second.model_dump_json().encode()
+    assert fleet._task_lists["h-1"][1] is cached, "same status objects: the list is not serialised again"
+    changed = beat.model_copy(update={"seq": 3, "tasks": statuses[:2] + [statuses[2].model_copy(update={"restarts": 1})]})
+    assert fleet._heartbeat_json(changed) == changed.model_dump_json().encode()
+    empty = beat.model_copy(update={"seq": 4, "tasks": []})
+    assert fleet._heartbeat_json(empty) == empty.model_dump_json().encode()

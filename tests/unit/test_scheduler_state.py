@@ -1,15 +1,20 @@
-"""The service's snapshot carries what placement needs from heartbeats: labels and taints."""
+"""ClusterState: snapshots carry what placement needs; liveness deadlines; incremental summaries."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from comp_common.messages import Capacity, Heartbeat, NodeAssignments, Taint
+from comp_common.manifest import parse_deployments
+from comp_common.messages import (
+    Capacity, DeploymentRecord, Heartbeat, NodeAssignments, Taint, TaskSpec, TaskState, TaskStatus,
+)
 from comp_common.observed import NodeRecord
 from comp_scheduler.model import NodeStatus
 from comp_scheduler.model import Taint as NodeTaint
 from comp_scheduler.settings import SchedulerSettings
-from comp_scheduler.state import ClusterState
+from comp_scheduler.state import ClusterState, HeartbeatParser
 
 
 def heartbeat(**extra) -> Heartbeat:
@@ -58,3 +63,231 @@ def test_default_strategy_setting_refuses_unknown(monkeypatch):
     monkeypatch.setenv("COMP_SCHEDULER__DEFAULT_STRATEGY", "pack")
     with pytest.raises(ValueError, match="spread"):
         SchedulerSettings()
+
+
+# ---- liveness: one deadline per node, checked only when due ---------------------------------------
+
+
+def beat(node_id: str, tasks=()) -> Heartbeat:
+    return heartbeat().model_copy(update={"node_id": node_id, "tasks": list(tasks)})
+
+
+@pytest.mark.parametrize(
+    "beats, check_at, down",
+    [
+        # (node, heartbeat times), when the check runs, who goes down (grace 3: down strictly after last + 3)
+        ({"a": [0.0]}, 2.9, []),
+        ({"a": [0.0]}, 3.0, []),
+        ({"a": [0.0]}, 3.01, ["a"]),
+        ({"a": [0.0, 1.0, 2.0]}, 4.5, []),
+        ({"a": [0.0, 1.0, 2.0]}, 5.5, ["a"]),
+        ({"a": [0.0, 2.0], "b": [0.0]}, 4.0, ["b"]),
+        ({"a": [0.0, 2.0], "b": [0.0]}, 9.0, ["a", "b"]),
+    ],
+)
+def test_a_node_goes_down_when_its_grace_after_the_last_heartbeat_has_passed(beats, check_at, down):
+    state = ClusterState(grace_seconds=3)
+    for at, node_id in sorted((t, n) for n, times in beats.items() for t in times):
+        state.record_heartbeat(beat(node_id), now=at)
+    assert sorted(state.refresh_liveness(check_at)[0]) == down
+    assert {n for n, e in state.nodes.items() if e.status is NodeStatus.DOWN} == set(down)
+
+
+def test_next_deadline_is_the_earliest_last_heartbeat_plus_grace():
+    state = ClusterState(grace_seconds=3)
+    assert state.next_deadline() is None, "no node, nothing to wait for"
+    state.record_heartbeat(beat("a"), now=0.0)
+    state.record_heartbeat(beat("b"), now=1.0)
+    assert state.next_deadline() == 3.0
+    state.record_heartbeat(beat("a"), now=2.0)
+    # a's queued deadline is stale: due but not overdue; it is queued again at its real one.
+    assert state.overdue(3.5) == [] and state.next_deadline() == 4.0
+    assert state.overdue(4.5) == ["b"]
+    assert state.refresh_liveness(4.5) == (["b"], [])
+    assert state.next_deadline() == 5.0, "a down node has no deadline"
+    state.record_heartbeat(beat("b"), now=4.6)  # back
+    assert state.nodes["b"].status is NodeStatus.READY and state.next_deadline() == 5.0
+    assert state.refresh_liveness(7.7) == (["a", "b"], [])
+    assert state.next_deadline() is None
+
+
+def test_a_node_known_only_from_assignments_goes_down_a_grace_after_it_was_learnt_of():
+    state = ClusterState(grace_seconds=3)
+    state.load_assignments("n2", NodeAssignments(node_id="n2"), None, now=10.0)
+    assert state.next_deadline() == 13.0
+    assert state.refresh_liveness(12.0) == ([], []) and state.nodes["n2"].status is NodeStatus.UNKNOWN
+    assert state.refresh_liveness(13.5) == (["n2"], [])
+
+
+# ---- statuses: updated_at alone is no change -------------------------------------------------------
+
+
+def test_a_status_repeated_with_another_timestamp_is_not_a_change():
+    state = ClusterState(grace_seconds=3)
+    state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("t1", "default.web")]), 1, now=0.0)
+    running = TaskStatus(task_id="t1", node_id="n1", deployment="default.web", state=TaskState.RUNNING, updated_at=1.0)
+    assert state.record_status(running) == "changed"
+    assert state.record_status(running.model_copy(update={"updated_at": 2.0})) == "ignored"
+    assert state.record_status(running.model_copy(update={"restarts": 1})) == "changed"
+    _, changed, _ = state.record_heartbeat(beat("n1", [running.model_copy(update={"restarts": 1, "updated_at": 9.0})]), now=3.0)
+    assert changed == []
+
+
+# ---- summaries: only touched deployments are recounted, and always equal a full count ---------------
+
+
+def spec(task_id: str, deployment: str) -> TaskSpec:
+    namespace, name = deployment.split(".")
+    return TaskSpec(task_id=task_id, deployment=deployment, namespace=namespace, name=name, spec_hash="h", image="i", cpu=0.1, memory=1)
+
+
+def record(name: str, replicas: int) -> DeploymentRecord:
+    deployment = parse_deployments(
+        f"apiVersion: comp/v1\nkind: Deployment\nmetadata: {{name: {name}}}\nspec: {{replicas: {replicas}, image: i}}\n"
+    )[0]
+    return DeploymentRecord(deployment=deployment, created_at=0.0, updated_at=0.0)
+
+
+def full_count(state: ClusterState) -> dict[str, tuple[int, int]]:
+    """What a summary must say, counted the slow way over every assignment."""
+    out = {key: (0, 0) for key in state.desired}
+    for value, _ in state.assignments.values():
+        for t in value.tasks:
+            if t.deployment in out:
+                placed, running = out[t.deployment]
+                status = state.statuses.get(t.task_id)
+                out[t.deployment] = (placed + 1, running + (status is not None and status.state is TaskState.RUNNING))
+    return out
+
+
+def test_summaries_of_touched_deployments_keep_the_shown_picture_equal_to_a_full_count():
+    rng = random.Random(3)
+    state = ClusterState(grace_seconds=3)
+    state.desired = {f"default.d{i}": record(f"d{i}", 3) for i in range(4)}
+    state.touched.update(state.desired)  # as the service does for a changed desired state
+    shown: dict[str, tuple[int, int]] = {}
+    ids = iter(range(10**6))
+
+    def take() -> set[str]:
+        touched = state.take_touched()
+        for s in state.deployment_statuses(0.0, touched):
+            shown[s.deployment] = (s.placed, s.running)
+        return touched
+
+    take()
+    for step in range(400):
+        node = f"n{rng.randrange(5)}"
+        value = state.assignments.get(node, (NodeAssignments(node_id=node), None))[0]
+        op = rng.randrange(6)
+        if op == 0:  # a round adds tasks
+            tasks = value.tasks + [spec(f"t{next(ids)}", rng.choice(sorted(state.desired))) for _ in range(rng.randrange(1, 4))]
+            state.set_assignments(node, value.model_copy(update={"tasks": tasks}), step)
+        elif op == 1 and value.tasks:  # a round stops some
+            keep = [t for t in value.tasks if rng.random() < 0.6]
+            state.set_assignments(node, value.model_copy(update={"tasks": keep}), step)
+        elif op == 2 and value.tasks:  # a status event
+            t = rng.choice(value.tasks)
+            state.record_status(
+                TaskStatus(task_id=t.task_id, node_id=node, deployment=t.deployment, state=rng.choice(list(TaskState)))
+            )
+        elif op == 3:  # a heartbeat with some of the node's tasks running
+            states = [
+                TaskStatus(task_id=t.task_id, node_id=node, deployment=t.deployment, state=TaskState.RUNNING)
+                for t in value.tasks if rng.random() < 0.7
+            ]
+            state.record_heartbeat(beat(node, states), now=float(step))
+        elif op == 4:  # another scheduler's picture taken over
+            state.replace_assignments({n: (v, r or 0) for n, (v, r) in state.assignments.items() if rng.random() < 0.8}, now=float(step))
+        else:
+            state.refresh_liveness(float(step))
+        touched = take()
+        assert shown == full_count(state), f"step {step}, op {op}"
+        assert touched <= set(state.desired) | {t.deployment for v, _ in state.assignments.values() for t in v.tasks} | {
+            s.deployment for s in state.statuses.values()
+        } | set(shown)
+    assert any(running for _, running in shown.values()), "the walk reached running tasks"
+
+
+@pytest.mark.parametrize(
+    "change, touched",
+    [
+        ("nothing", set()),
+        ("status of a", {"default.a"}),
+        ("same status again", set()),
+        ("task added to b", {"default.b"}),
+        ("task of a moved away", {"default.a"}),
+    ],
+)
+def test_only_the_deployments_a_change_is_about_are_touched(change, touched):
+    state = ClusterState(grace_seconds=3)
+    state.desired = {"default.a": record("a", 1), "default.b": record("b", 1)}
+    state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("a1", "default.a")]), 1, now=0.0)
+    running = TaskStatus(task_id="a1", node_id="n1", deployment="default.a", state=TaskState.RUNNING)
+    state.record_status(running)
+    state.take_touched()
+    value = state.assignments["n1"][0]
+    if change == "status of a":
+        state.record_status(running.model_copy(update={"state": TaskState.EXITED}))
+    elif change == "same status again":
+        state.record_status(running)
+    elif change == "task added to b":
+        state.set_assignments("n1", value.model_copy(update={"tasks": value.tasks + [spec("b1", "default.b")]}), 2)
+    elif change == "task of a moved away":
+        state.set_assignments("n1", value.model_copy(update={"tasks": []}), 2)
+    assert state.take_touched() == touched
+
+
+def test_snapshot_reuses_the_tasks_of_unchanged_assignments_and_follows_their_state():
+    state = ClusterState(grace_seconds=3)
+    state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("a1", "default.a"), spec("a2", "default.a")]), 1, now=0.0)
+    first = state.snapshot().tasks
+    state.record_status(TaskStatus(task_id="a1", node_id="n1", deployment="default.a", state=TaskState.RUNNING))
+    second = state.snapshot().tasks
+    assert second["a2"] is first["a2"], "unchanged task reused"
+    assert first["a1"].state is TaskState.PENDING and second["a1"].state is TaskState.RUNNING, "earlier snapshot untouched"
+    state.set_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("a2", "default.a")]), 2)
+    assert set(state.snapshot().tasks) == {"a2"}
+
+
+# ---- heartbeats: a node's unchanged task list is validated once ----------------------------------
+
+
+def running(task_id: str, **extra) -> TaskStatus:
+    return TaskStatus(task_id=task_id, node_id="n1", deployment="default.web", state=TaskState.RUNNING, **extra)
+
+
+def test_the_parser_reuses_a_nodes_task_list_while_its_bytes_are_unchanged():
+    parser = HeartbeatParser()
+    hb = heartbeat(labels={"zone": "a"}, tasks=[running("t1"), running("t2")])
+    first = parser.parse(hb.model_dump_json().encode())
+    again = parser.parse(hb.model_copy(update={"seq": 2}).model_dump_json().encode())
+    assert first == hb and again == hb.model_copy(update={"seq": 2})
+    assert again.tasks is first.tasks, "not validated again"
+    changed = hb.model_copy(update={"seq": 3, "tasks": [running("t1"), running("t2", restarts=1)]})
+    third = parser.parse(changed.model_dump_json().encode())
+    assert third == changed and third.tasks is not first.tasks
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # tasks not last: the tail is no list, so the full validation reads every field
+        b'{"node_id":"n1","seq":1,"sent_at":0,"started_at":0,"driver":"d","capacity":{"cpu":1,"memory":1},'
+        b'"allocated":{"cpu":0,"memory":0},"tasks":[],"labels":{"zone":"b"}}',
+        b'{"node_id":"n1","seq":1,"sent_at":0,"started_at":0,"driver":"d","capacity":{"cpu":1,"memory":1},'
+        b'"allocated":{"cpu":0,"memory":0}}',  # no tasks at all
+    ],
+)
+def test_the_parser_reads_other_shapes_as_a_full_validation_does(body):
+    parser = HeartbeatParser()
+    for _ in range(2):  # also once a list is cached for the node
+        assert parser.parse(body) == Heartbeat.model_validate_json(body)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xfe", b"{}", b'{"node_id": 5}', b'{"node_id":"n1","tasks":[1]}', b'{"node_id":"n1","seq":1,"tasks":[]}'],
+)
+def test_the_parser_refuses_what_a_full_validation_refuses(garbage):
+    with pytest.raises(ValueError):
+        HeartbeatParser().parse(garbage)

@@ -15,14 +15,16 @@ from collections.abc import Sequence
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from comp_common import subjects
 from comp_common.broker import make_broker
 from comp_common.kv import get_model, open_bucket
 from comp_common.logs import configure_logging
-from comp_common.messages import NodeAssignments
+from comp_common.messages import Heartbeat, NodeAssignments, TaskStatus
 from comp_common.telemetry import setup_tracing
 
 from .agent import Agent, Publish
@@ -37,7 +39,10 @@ log = logging.getLogger(SERVICE)
 START_SLOTS_PER_SECOND = 20
 # How long a fleet's messages wait to share one socket write.
 BATCH_WINDOW_SECONDS = 0.02
+# Assignment reads a fleet has in flight at once.
+KV_READS_IN_FLIGHT = 128
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
+_TASK_LIST = TypeAdapter(list[TaskStatus])
 
 
 class FleetPublisher:
@@ -58,25 +63,48 @@ class FleetPublisher:
         self._window = window
         self._batch: list[tuple[str, bytes, dict[str, str] | None]] = []
         self._sender: asyncio.Task[None] | None = None
+        # node id -> (the statuses its last heartbeat carried, their JSON)
+        self._task_lists: dict[str, tuple[tuple[TaskStatus, ...], bytes]] = {}
 
     async def publish(self, message: BaseModel, subject: str) -> None:
         headers: dict[str, str] = {}
         _TRACE_CONTEXT.inject(headers)
-        self._batch.append((subject, message.model_dump_json().encode(), headers or None))
+        data = self._heartbeat_json(message) if isinstance(message, Heartbeat) else message.model_dump_json().encode()
+        self._batch.append((subject, data, headers or None))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_batch(), name="nodeagent-fleet-publish")
+
+    def _heartbeat_json(self, hb: Heartbeat) -> bytes:
+        """The heartbeat as ``model_dump_json`` writes it, but its task list serialised again
+        only when a status changed: an agent replaces a status object on every change and
+        otherwise sends the same ones each period (the cache holds them, so their ids are
+        not reused).  The list stays the body's last field, byte for byte the same while
+        nothing changed, which lets the scheduler skip validating it too."""
+        tasks = tuple(hb.tasks)
+        last = self._task_lists.get(hb.node_id)
+        if last is not None and len(last[0]) == len(tasks) and all(a is b for a, b in zip(last[0], tasks)):
+            tasks_json = last[1]
+        else:
+            tasks_json = _TASK_LIST.dump_json(list(tasks))
+            self._task_lists[hb.node_id] = (tasks, tasks_json)
+        head = hb.model_dump_json(exclude={"tasks"}).encode()
+        return head[:-1] + b',"tasks":' + tasks_json + b"}"
 
     async def _send_batch(self) -> None:
         await asyncio.sleep(self._window)
         batch, self._batch, self._sender = self._batch, [], None
         connection = self._broker.connection
+        sent = 0
         try:
             # Each call only appends to the client's buffer; its flusher writes them all at once.
             for subject, data, headers in batch:
                 await connection.publish(subject, data, headers=headers)
-        except Exception:
+                sent += 1
+        except Exception as exc:
             # Heartbeats carry every task's status, so the next ones repair what is lost here.
-            log.warning("could not publish %d messages", len(batch), exc_info=True)
+            # No traceback: while NATS is away this fires for every batch, and formatting
+            # thousands of tracebacks was what kept a busy fleet from catching up.
+            log.warning("could not publish %d messages: %r", len(batch) - sent, exc)
 
     async def close(self) -> None:
         if self._sender is not None:
@@ -85,16 +113,65 @@ class FleetPublisher:
             self._sender = None
 
 
-def make_agent(settings: NodeAgentSettings, broker: NatsBroker, node_id: str, publish: Publish | None = None) -> Agent:
+class AssignmentsReader:
+    """How the agents of one process read their assignments: one bucket handle, a bounded
+    number of reads in flight, and a value parsed once per revision.
+
+    A deploy nudges thousands of a fleet's agents at once, and each pass re-reads its key.
+    Unbounded, the requests of a whole fleet went out together and those at the back timed
+    out before the loop came round to their answers; each failure was a pass that did
+    nothing and a traceback logged, which slowed the loop further.  A read waiting for a
+    slot has not been sent, so it cannot time out.  Follow-up passes and resyncs mostly find
+    the revision they already have, and skip validating its every task again.
+    """
+
+    def __init__(self, broker: NatsBroker, in_flight: int = KV_READS_IN_FLIGHT):
+        self._broker = broker
+        self._slots = asyncio.Semaphore(in_flight)
+        self._kv: KeyValue | None = None
+        self._parsed: dict[str, tuple[int, NodeAssignments]] = {}
+
+    async def read(self, node_id: str) -> NodeAssignments | None:
+        async with self._slots:
+            if self._kv is None:
+                self._kv = await open_bucket(self._broker, subjects.ASSIGNMENTS_BUCKET)
+            try:
+                entry = await self._kv.get(node_id)
+            except KeyNotFoundError:
+                self._parsed.pop(node_id, None)
+                return None
+        if entry.value is None or entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE")):
+            self._parsed.pop(node_id, None)
+            return None
+        cached = self._parsed.get(node_id)
+        if cached is not None and cached[0] == entry.revision:
+            return cached[1]
+        value = NodeAssignments.model_validate_json(entry.value)
+        if entry.revision is not None:
+            self._parsed[node_id] = (entry.revision, value)
+        return value
+
+
+def make_agent(
+    settings: NodeAgentSettings,
+    broker: NatsBroker,
+    node_id: str,
+    publish: Publish | None = None,
+    reader: AssignmentsReader | None = None,
+) -> Agent:
     """The agent of node ``node_id``, with its own driver, reading its own assignments key."""
     node_settings = settings.model_copy(
         update={"nodeagent": settings.nodeagent.model_copy(update={"node_id": node_id})}
     )
 
-    async def load_assignments() -> NodeAssignments | None:
-        kv = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
-        found = await get_model(kv, node_id, NodeAssignments)
-        return found[0] if found else None
+    if reader is not None:
+        async def load_assignments() -> NodeAssignments | None:
+            return await reader.read(node_id)
+    else:
+        async def load_assignments() -> NodeAssignments | None:
+            kv = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
+            found = await get_model(kv, node_id, NodeAssignments)
+            return found[0] if found else None
 
     return Agent(
         settings=node_settings.nodeagent,
@@ -130,7 +207,10 @@ def build_app(settings: NodeAgentSettings) -> FastStream:
     group = settings.nodeagent
 
     fleet = FleetPublisher(broker) if group.count > 1 else None
-    agents = [make_agent(settings, broker, node_id, fleet.publish if fleet else None) for node_id in group.node_ids()]
+    reader = AssignmentsReader(broker) if group.count > 1 else None
+    agents = [
+        make_agent(settings, broker, node_id, fleet.publish if fleet else None, reader) for node_id in group.node_ids()
+    ]
     if len(agents) == 1:
         # One host: a subscription to its own subject only, which is all its NATS user may read.
         broker.include_router(make_router(agents[0]))

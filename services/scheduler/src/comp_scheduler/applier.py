@@ -30,6 +30,9 @@ from .state import ClusterState
 
 log = logging.getLogger("scheduler.applier")
 _CAS_ATTEMPTS = 5
+# KV writes in flight at once.  A round touching 5,000 nodes sent all 5,000 together: the
+# lease renewal, on the same connection, queued behind megabytes of them and timed out.
+_WRITES_IN_FLIGHT = 64
 
 # This scheduler's fencing epoch while it leads, None while it does not.
 EpochSource = Callable[[], "int | None"]
@@ -66,6 +69,7 @@ class Applier:
         self.kv = assignments
         self.broker = broker
         self._epoch = epoch
+        self._writes = asyncio.Semaphore(_WRITES_IN_FLIGHT)
 
     def _require_epoch(self) -> int:
         epoch = self._epoch()
@@ -76,8 +80,14 @@ class Applier:
     async def apply(self, plan: Plan, now: float) -> None:
         adds: dict[str, list[TaskSpec]] = defaultdict(list)
         removes: dict[str, set[str]] = defaultdict(set)
+        # One TaskSpec per deployment, copied per task: building one hashes the deployment's
+        # spec, which at 100,000 placements was seconds of a round.
+        templates: dict[str, TaskSpec] = {}
         for place in plan.places:
-            adds[place.node_id].append(task_spec(place, self.state.desired[place.deployment], now))
+            template = templates.get(place.deployment)
+            if template is None:
+                template = templates[place.deployment] = task_spec(place, self.state.desired[place.deployment], now)
+            adds[place.node_id].append(template.model_copy(update={"task_id": place.task_id}))
         for stop in plan.stops:
             removes[stop.node_id].add(stop.task_id)
 
@@ -120,6 +130,11 @@ class Applier:
         return written
 
     async def _write_node(self, node_id: str, adds: list[TaskSpec], removes: set[str], now: float) -> None:
+        # The slot is taken before the leadership check, so that the check stays right before the write.
+        async with self._writes:
+            await self._write_node_now(node_id, adds, removes, now)
+
+    async def _write_node_now(self, node_id: str, adds: list[TaskSpec], removes: set[str], now: float) -> None:
         mine = self.state.assignments.get(node_id, (NodeAssignments(node_id=node_id), None))
         current, revision = mine
         for _ in range(_CAS_ATTEMPTS):
@@ -148,7 +163,7 @@ class Applier:
                 else:
                     current, revision = found  # ours, from a write whose answer we missed
                 continue
-            self.state.assignments[node_id] = (updated, new_revision)
+            self.state.set_assignments(node_id, updated, new_revision)
             for spec in adds:
                 self.state.statuses[spec.task_id] = TaskStatus(
                     task_id=spec.task_id, node_id=node_id, deployment=spec.deployment, state=TaskState.PENDING, updated_at=now

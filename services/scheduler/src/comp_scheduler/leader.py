@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -171,6 +172,9 @@ class LeaseMachine:
 
 # Called with the new epoch on becoming leader, and with None on stepping down; with a reason.
 OnChange = Callable[[int | None, str], None]
+# The reason when the record taken over was this contender's own (it let its lease lapse and
+# nobody else took it meanwhile): no other leader can have written anything since.
+RETOOK_OWN = "took back its own lapsed lease"
 
 
 class LeaseElector:
@@ -273,6 +277,7 @@ class LeaseElector:
                     "lease is stale; taking over",
                     extra={"key": self.key, "from": record.holder, "epoch": record.epoch, "revision": revision},
                 )
+        ours = step is Step.TAKE_OVER and record is not None and record.holder == self.identity.holder
         record = machine.next_record(step, self.wall())
         sent_at = self.clock()
         try:
@@ -291,7 +296,8 @@ class LeaseElector:
         machine.succeeded(step, record, revision, sent_at)
         if step is not Step.RENEW:
             log.info("acquired the lease", extra={"key": self.key, "holder": self.identity.holder, "epoch": revision})
-            self._notify(revision, "acquired the lease" if step is Step.ACQUIRE else "took over a stale lease")
+            reason = "acquired the lease" if step is Step.ACQUIRE else RETOOK_OWN if ours else "took over a stale lease"
+            self._notify(revision, reason)
         return step
 
     async def _read(self) -> tuple[int | None, LeaseRecord | None]:
@@ -325,3 +331,103 @@ class LeaseElector:
             self.on_change(epoch, reason)
         except Exception:
             log.exception("leadership callback failed")
+
+
+class ElectorThread:
+    """A :class:`LeaseElector` on a thread of its own, with its own loop and NATS connection.
+
+    Renewals must not wait for the service's loop: a round that holds it for a second (a
+    100,000-task apply) or a burst of messages would otherwise let the lease run out, and
+    the leader would stand down and take over again in the middle of its work.  What the
+    service needs from the elector crosses threads safely: :meth:`epoch` reads two fields
+    that only this thread writes (a stale read errs towards "not leading" while acquiring
+    and can be no later than ``valid_until`` while renewing), and every change of leadership
+    is handed to the service's loop with ``call_soon_threadsafe``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        bucket: str,
+        key: str,
+        identity: Identity,
+        *,
+        lease_seconds: float,
+        renew_seconds: float | None = None,
+        on_change: OnChange | None = None,
+        connect_timeout: float = 5.0,
+    ):
+        self._url, self._bucket, self._key = url, bucket, key
+        self._identity = identity
+        self._lease_seconds, self._renew_seconds = lease_seconds, renew_seconds
+        self._on_change = on_change
+        self._connect_timeout = connect_timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"lease-{key}", daemon=True)
+        self._nc = None
+        self.elector: LeaseElector | None = None
+
+    # ---- what the service reads ----------------------------------------------------------
+    def epoch(self) -> int | None:
+        return self.elector.epoch() if self.elector is not None else None
+
+    @property
+    def check_seconds(self) -> float:
+        assert self.elector is not None
+        return self.elector.check_seconds
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        service_loop = asyncio.get_running_loop()
+        on_change = self._on_change
+
+        def notify(epoch: int | None, reason: str) -> None:
+            if on_change is not None:
+                service_loop.call_soon_threadsafe(on_change, epoch, reason)
+
+        self._thread.start()
+        await self._run(self._start(notify))
+
+    async def _start(self, notify: OnChange) -> None:
+        import nats
+
+        self._nc = await nats.connect(
+            self._url, name=f"scheduler-lease-{self._identity.holder}", connect_timeout=int(max(1, self._connect_timeout)),
+            max_reconnect_attempts=-1, reconnect_time_wait=1,
+        )
+        kv = await self._nc.jetstream().key_value(self._bucket)
+        self.elector = LeaseElector(
+            kv, self._key, self._identity,
+            lease_seconds=self._lease_seconds, renew_seconds=self._renew_seconds, on_change=notify,
+        )
+        self.elector.start()
+
+    async def stop(self) -> None:
+        """As :meth:`LeaseElector.stop`; the step-down callback runs on the service's loop soon after."""
+        if self.elector is not None and self._thread.is_alive():
+            await self._run(self.elector.stop())
+
+    async def release(self) -> None:
+        """As :meth:`LeaseElector.release`."""
+        if self.elector is not None and self._thread.is_alive():
+            await self._run(self.elector.release())
+
+    async def close(self) -> None:
+        """End the thread and its connection (after :meth:`stop`, and :meth:`release` if wanted)."""
+        if not self._thread.is_alive():
+            return
+        if self._nc is not None:
+            try:
+                await self._run(self._nc.close())
+            except Exception as exc:
+                log.warning("could not close the lease connection", extra={"error": repr(exc)})
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 5)
+        self._loop.close()
+
+    async def _run(self, coro):
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))

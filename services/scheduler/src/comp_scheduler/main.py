@@ -11,7 +11,7 @@ from comp_common.logs import configure_logging
 from comp_common.observed import ObservedStore, connect
 from comp_common.telemetry import setup_tracing
 
-from .handlers import build_router
+from .handlers import build_router, subscribe_observations
 from .service import Scheduler
 from .settings import SchedulerSettings
 
@@ -31,9 +31,12 @@ def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
         await broker.connect()
         await ensure_event_stream(broker)
         await scheduler.start()
+        scheduler.inputs = await subscribe_observations(broker.connection, scheduler)
 
     @app.on_shutdown
     async def stopping() -> None:
+        for subscription in scheduler.inputs:
+            await subscription.unsubscribe()
         await scheduler.stop()
 
     return app, scheduler

@@ -1,8 +1,11 @@
 """The scheduler service: keeps :class:`ClusterState` current and runs reconcile rounds.
 
 A round is ``snapshot -> reconcile (pure) -> Applier``, one at a time under a lock.
-Rounds run inline when a deployment event arrives (so they join that event's trace)
-and in the background when nodes come or go, or on the resync period.
+Rounds run in the background, one for whatever asked since the last one began: a burst
+of deployment events (one apply of 100 deployments) is one round, not 100.  The round
+continues the trace of the first event that asked for it and links the others, so an
+apply's trace still runs through the scheduler to the agents.  ``reconcile`` runs in a
+worker thread over an immutable snapshot, so heartbeats keep being handled meanwhile.
 
 Leader and hot standby: every instance keeps its state current from the same events,
 but only the holder of the lease (:mod:`.leader`) runs rounds, writes assignments and
@@ -20,9 +23,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 
 from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from comp_common import subjects
@@ -41,7 +48,7 @@ from comp_common.messages import (
 from comp_common.observed import ObservedStore
 
 from .applier import Applier
-from .leader import Identity, LeaseElector
+from .leader import RETOOK_OWN, ElectorThread, Identity
 from .model import Plan
 from .reconcile import reconcile
 from .settings import SchedulerSettings
@@ -49,6 +56,9 @@ from .state import ClusterState
 
 log = logging.getLogger("scheduler")
 tracer = trace.get_tracer("comp.scheduler")
+# Reasons named in one round's span and log line; the rest are counted.
+_REASONS_SHOWN = 5
+_CATCH_UP_BOUND_SECONDS = 10.0
 
 
 class Scheduler:
@@ -70,15 +80,25 @@ class Scheduler:
         self.state = ClusterState(grace_seconds=settings.liveness.grace_seconds)
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
+        # What asked for the next round: (why, the asker's trace context or None).
+        self._wanted: list[tuple[str, otel_context.Context | None]] = []
+        self._flush_wanted = asyncio.Event()
+        # The subscriptions heartbeats arrive on (set by main): the liveness check lets them
+        # catch up before it declares anyone down.
+        self.inputs: Sequence[Subscription] = ()
+        self._echo: Subscription | None = None
+        self._echoes: dict[str, asyncio.Future[None]] = {}
         self._dirty_nodes: set[str] = set()
         self._dirty_tasks: set[str] = set()
         self._gone_tasks: set[str] = set()
         self._gone_deployments: set[str] = set()
         self._loops: list[asyncio.Task] = []
         self.applier: Applier | None = None
-        self.elector: LeaseElector | None = None
+        self.elector: ElectorThread | None = None
         # The epoch whose takeover (reload, restamp) is done: rounds run only under it.
         self._ready_epoch: int | None = None
+        # A takeover has completed in this process: its state then follows every write.
+        self._led_before = False
         self._takeover: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         # Nodes whose assignments could not be stamped with our epoch yet.
@@ -105,6 +125,19 @@ class Scheduler:
             log.warning("standing by", extra={"reason": reason, "epoch": was})
             if was is not None:
                 self._in_background(self._announce("stepped-down", was, reason))
+        elif reason == RETOOK_OWN and self._led_before:
+            # Our lease lapsed (a stall) and we took it back before anyone else: no one has
+            # written since, so our state is the bucket's and there is nothing to fence off.
+            # Re-reading and restamping every node (megabytes at 5,000 nodes) would only
+            # make the next stall likelier.  Values keep their epoch until next written;
+            # each node's nudge carries its value's epoch, so agents accept them.
+            log.warning("took the lease back", extra={"epoch": epoch})
+            self._ready_epoch = epoch
+            self._dirty_nodes.update(self.state.nodes)  # flushes were skipped meanwhile
+            self._dirty_tasks.update(self.state.statuses)
+            self.state.touched.update(self.state.desired)
+            self.want_round(f"took the lease back (epoch {epoch})")
+            self._in_background(self._announce("leading", epoch, reason))
         else:
             log.info("elected leader; taking over", extra={"epoch": epoch, "reason": reason})
             self._takeover = asyncio.create_task(self._take_over(epoch, reason), name="takeover")
@@ -121,9 +154,11 @@ class Scheduler:
                         await self._load_assignments()
                         await self._load_desired()
                         self._ready_epoch = epoch
+                        self._led_before = True
                         # Redis has the old leader's picture: write ours whole.
                         self._dirty_nodes.update(self.state.nodes)
                         self._dirty_tasks.update(self.state.statuses)
+                        self.state.touched.update(self.state.desired)
                         nodes = set(self.state.assignments)
                         restamped = await self.applier.restamp(nodes)
                         self._unstamped = nodes - set(restamped)  # tried again on resync
@@ -183,26 +218,29 @@ class Scheduler:
         self.deployments_kv = await open_bucket(self.broker, subjects.DEPLOYMENTS_BUCKET)
         self.assignments_kv = await open_bucket(self.broker, subjects.ASSIGNMENTS_BUCKET)
         self.node_controls_kv = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)
-        leases_kv = await open_bucket(self.broker, subjects.LEASES_BUCKET, history=1)
+        await open_bucket(self.broker, subjects.LEASES_BUCKET, history=1)  # created here, used by the elector
         self.applier = Applier(self.state, self.assignments_kv, self.broker, self.acting_epoch)
         await self._load_assignments()
         await self._load_desired()
         self._loops = [
             asyncio.create_task(self._every(self.settings.scheduler.resync_seconds, self._resync), name="resync"),
-            asyncio.create_task(self._every(self.settings.scheduler.liveness_check_seconds, self._check_liveness), name="liveness"),
-            asyncio.create_task(self._every(self.settings.scheduler.flush_seconds, self.flush), name="flush"),
+            asyncio.create_task(self._liveness_timer(), name="liveness"),
+            asyncio.create_task(self._flush_loop(), name="flush"),
             asyncio.create_task(self._kicked_rounds(), name="rounds"),
         ]
         lease = self.settings.scheduler
-        self.elector = LeaseElector(
-            leases_kv,
+        # On a thread and connection of its own: a busy loop must not cost the lease.
+        self.elector = ElectorThread(
+            self.settings.nats.url,
+            subjects.LEASES_BUCKET,
             subjects.SCHEDULER_LEASE_KEY,
             self.identity,
             lease_seconds=lease.lease_seconds,
             renew_seconds=lease.renew_seconds,
             on_change=self._on_leadership,
+            connect_timeout=self.settings.nats.connect_timeout,
         )
-        self.elector.start()
+        await self.elector.start()
         log.info(
             "scheduler started",
             extra={"deployments": len(self.state.desired), "nodes": len(self.state.nodes), "holder": self.identity.holder},
@@ -213,6 +251,7 @@ class Scheduler:
         out the lease (``False`` behaves like a crash, for tests)."""
         if self.elector is not None:
             await self.elector.stop()
+            await asyncio.sleep(0)  # the step-down callback, handed over from the elector's thread
         if self._background:  # the "stepped-down" announcement, on its way out
             await asyncio.wait(self._background, timeout=1.0)
         loops = self._loops + ([self._takeover] if self._takeover else []) + list(self._background)
@@ -222,6 +261,8 @@ class Scheduler:
         if self.elector is not None and release_lease:
             async with self._lock:  # a round under way finishes first: the successor reads its writes
                 await self.elector.release()
+        if self.elector is not None:
+            await self.elector.close()
 
     # ---- inputs ------------------------------------------------------------------------
     async def on_deployment_event(self, event: DeploymentEvent) -> None:
@@ -232,29 +273,40 @@ class Scheduler:
                 self._gone_deployments.add(key)
         else:
             self.state.desired[key] = found[0]
+            self.state.touched.add(key)
         if self.leading:  # a standby only keeps its state current
-            await self.run_round(f"deployment {key} {event.action}")
+            self.want_round(f"deployment {key} {event.action}", otel_context.get_current())
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         became_ready, changed, gone = self.state.record_heartbeat(hb, self.clock())
         self._dirty_nodes.add(hb.node_id)
         self._dirty_tasks.update(s.task_id for s in changed)
         self._gone_tasks.update(gone)
+        if changed or gone or became_ready:
+            # A fresh heartbeat time alone waits for the periodic flush.
+            self._flush_wanted.set()
         if became_ready:
             log.info("node ready", extra={"node": hb.node_id})
-            self._kick.set()
+            self.want_round("cluster changed")
 
     def on_task_status(self, status: TaskStatus) -> None:
         outcome = self.state.record_status(status)
         if outcome == "changed":
             self._dirty_tasks.add(status.task_id)
+            self._flush_wanted.set()
             if status.state is TaskState.RUNNING and self.state.draining_nodes():
                 # A replacement runs: the task it stands in for on a draining node may go now.
-                self._kick.set()
+                self.want_round("cluster changed")
         elif outcome == "gone":
             self._gone_tasks.add(status.task_id)
+            self._flush_wanted.set()
 
     # ---- rounds ------------------------------------------------------------------------
+    def want_round(self, why: str, context: otel_context.Context | None = None) -> None:
+        """Have a round run soon; ``context`` (a trace) is continued or linked by it."""
+        self._wanted.append((why, context))
+        self._kick.set()
+
     async def run_round(self, why: str) -> Plan:
         """One round, if this scheduler leads; an empty plan if it stands by."""
         async with self._lock:
@@ -265,15 +317,22 @@ class Scheduler:
         if epoch is None:
             return Plan()
         now = self.clock()
-        plan = reconcile(
-            self.state.desired_view(), self.state.snapshot(), now, self.rng, self.settings.scheduler.default_strategy
+        # Built here, on the loop, and immutable: the thread reads nothing the loop changes.
+        desired, observed = self.state.desired_view(), self.state.snapshot()
+        plan = await asyncio.to_thread(
+            reconcile, desired, observed, now, self.rng, self.settings.scheduler.default_strategy
         )
+        if self.acting_epoch() != epoch:
+            return Plan()  # deposed while it was computed; the applier would refuse anyway
         span = trace.get_current_span()
         span.set_attribute("comp.round.reason", why)
         span.set_attribute("comp.epoch", epoch)
         span.set_attribute("comp.plan.places", len(plan.places))
         span.set_attribute("comp.plan.stops", len(plan.stops))
-        self.state.pending_reasons = {p.deployment: p.reason for p in plan.pending}
+        reasons = {p.deployment: p.reason for p in plan.pending}
+        old_reasons = self.state.pending_reasons
+        self.state.touched.update(k for k in old_reasons.keys() | reasons.keys() if old_reasons.get(k) != reasons.get(k))
+        self.state.pending_reasons = reasons
         if not plan.empty:
             assert self.applier is not None
             await self.applier.apply(plan, now)
@@ -284,25 +343,30 @@ class Scheduler:
             )
         elif plan.pending:
             log.info("round: nothing placeable", extra={"why": why, "pending": plan.pending[0].reason})
+        self._flush_wanted.set()
         return plan
 
     async def _kicked_rounds(self) -> None:
         while True:
             await self._kick.wait()
-            self._kick.clear()
-            if not self.leading:
-                continue
-            with tracer.start_as_current_span("scheduler.round"):
-                try:
-                    await self.run_round("cluster changed")
-                except Exception:
-                    log.exception("reconcile round failed; will retry on the next change or resync")
+            async with self._lock:
+                # Taken under the lock: whatever asks while a round runs is the next round's.
+                self._kick.clear()
+                wanted, self._wanted = self._wanted, []
+                if not self.leading:
+                    continue
+                why, parent, links = _round_origin(wanted)
+                with tracer.start_as_current_span("scheduler.round", context=parent, links=links):
+                    try:
+                        await self._round(why)
+                    except Exception:
+                        log.exception("reconcile round failed; will retry on the next change or resync")
 
     async def _resync(self) -> None:
         await self._load_desired()
         if self.leading:
             await self._repair_assignments()
-            self._kick.set()
+            self.want_round("resync")
         else:
             async with self._lock:
                 if self.elector is None or self.elector.epoch() is None:  # a takeover reloads for itself
@@ -346,22 +410,88 @@ class Scheduler:
             return
         await self._load_node_controls()
         if self.leading:
-            await self.run_round(f"node {event.name} {event.action}")
+            self.want_round(f"node {event.name} {event.action}", otel_context.get_current())
 
     async def _load_desired(self) -> None:
         await self._load_node_controls()
         records = await list_models(self.deployments_kv, DeploymentRecord)
         fresh = {key: rec for key, (rec, _) in records.items()}
         self._gone_deployments.update(set(self.state.desired) - set(fresh))
+        old = self.state.desired
+        self.state.touched.update(k for k, rec in fresh.items() if old.get(k) != rec)
         self.state.desired = fresh
 
+    # ---- liveness -------------------------------------------------------------------------
+    async def _liveness_timer(self) -> None:
+        """Check liveness when the earliest node's grace runs out, not on a fixed poll: a lost
+        node is noticed at its deadline.  No more often than ``liveness_check_seconds``, since
+        with thousands of nodes some deadline is always about to pass."""
+        gap = self.settings.scheduler.liveness_check_seconds
+        grace = self.settings.liveness.grace_seconds
+        while True:
+            await asyncio.sleep(next_check_in(self.state.next_deadline(), self.clock(), gap, grace))
+            try:
+                await self._check_liveness()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("liveness check failed")
+
     async def _check_liveness(self) -> None:
+        if not self.state.overdue(self.clock()):
+            return
+        # Heartbeats are stamped when this loop handles them.  After a stall (a long round,
+        # a burst of events) the ones that came in meanwhile still wait in the socket or the
+        # subscription's queue, and every node would look late: let them in first.  A node
+        # that is really gone is late still, by the time this took (normally a round trip).
+        await self._catch_up()
         down, up = self.state.refresh_liveness(self.clock())
         for node_id in down:
             log.warning("node down", extra={"node": node_id})
         self._dirty_nodes.update(down + up)
         if down or up:
-            self._kick.set()
+            self._flush_wanted.set()
+            self.want_round("cluster changed")
+
+    async def _catch_up(self) -> None:
+        """Return once every heartbeat the server sent before now has been handled.
+
+        A message to ourselves comes back after everything the server sent us before it;
+        once it is back, the heartbeat subscriptions have queued all of that, and we wait
+        for them to have handled it.  (Not ``flush()``: nats-py's read loop dies on a PONG
+        that comes after its flush timed out.)
+        """
+        if not self.inputs:
+            return
+        # However far behind this loop is, waiting for it is right: until the heartbeats
+        # that arrived meanwhile are handled, no node can be judged.  The bound is only for
+        # a connection that is gone (NATS cuts a consumer 10 s behind by default).
+        bound = max(_CATCH_UP_BOUND_SECONDS, 3 * self.settings.liveness.grace_seconds)
+        connection = self.broker.connection
+        if self._echo is None:
+            self._echo = await connection.subscribe(connection.new_inbox(), cb=self._on_echo)
+        token = uuid.uuid4().hex
+        returned = self._echoes[token] = asyncio.get_running_loop().create_future()
+        try:
+            await connection.publish(self._echo.subject, token.encode())
+            await asyncio.wait_for(returned, bound)
+        except Exception as exc:
+            log.warning("heartbeats could not be caught up with before a liveness check", extra={"error": repr(exc)})
+            return
+        finally:
+            self._echoes.pop(token, None)
+        marks = [(sub, sub.delivered) for sub in self.inputs]
+        give_up = time.monotonic() + bound
+        while any(sub.delivered - sub.pending_msgs < mark for sub, mark in marks):
+            if time.monotonic() > give_up:
+                log.warning("heartbeats still queued after the catch-up bound; checking liveness anyway")
+                return
+            await asyncio.sleep(0.005)
+
+    async def _on_echo(self, msg: Msg) -> None:
+        returned = self._echoes.get(msg.data.decode(errors="replace"))
+        if returned is not None and not returned.done():
+            returned.set_result(None)
 
     # ---- observed state to Redis --------------------------------------------------------
     async def flush(self) -> None:
@@ -372,14 +502,17 @@ class Scheduler:
             self._dirty_tasks.clear()
             self._gone_tasks.clear()
             self._gone_deployments.clear()
+            self.state.take_touched()
             return
         nodes = [e.record for n in self._dirty_nodes if (e := self.state.nodes.get(n)) and e.record]
         tasks = [s for t in self._dirty_tasks if (s := self.state.statuses.get(t))]
         gone_tasks, gone_deployments = set(self._gone_tasks), set(self._gone_deployments)
         # Taken with the tasks, before any await: a summary computed after the writes could
         # count statuses whose task records only the next flush writes, and a reader would
-        # see "500 running" beside tasks still listed as pending.
-        summaries = self.state.deployment_statuses(self.clock())
+        # see "500 running" beside tasks still listed as pending.  Only the deployments whose
+        # tasks, statuses, spec or pending reason changed since the last flush.
+        touched = self.state.take_touched()
+        summaries = self.state.deployment_statuses(self.clock(), touched)
         self._dirty_nodes.clear()
         self._dirty_tasks.clear()
         self._gone_tasks.clear()
@@ -396,7 +529,28 @@ class Scheduler:
             self._dirty_tasks.update(s.task_id for s in tasks)
             self._gone_tasks.update(gone_tasks)
             self._gone_deployments.update(gone_deployments)
+            self.state.touched.update(touched)
+            self._flush_wanted.set()
             log.warning("could not write observed state to redis", extra={"error": repr(exc)})
+
+    async def _flush_loop(self) -> None:
+        """Flush as soon as a task, summary or node status changed, then at most every
+        ``flush_seconds``: a change after a quiet spell reaches Redis at once, a stream of
+        them in batches.  Heartbeat times alone are written on the period."""
+        period = self.settings.scheduler.flush_seconds
+        while True:
+            try:
+                await asyncio.wait_for(self._flush_wanted.wait(), period)
+            except TimeoutError:
+                pass
+            self._flush_wanted.clear()
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("flush failed")
+            await asyncio.sleep(period)
 
     async def _every(self, seconds: float, action: Callable[[], object]) -> None:
         while True:
@@ -407,3 +561,23 @@ class Scheduler:
                 raise
             except Exception:
                 log.exception("periodic task failed", extra={"task": getattr(action, "__name__", str(action))})
+
+
+def _round_origin(
+    wanted: list[tuple[str, otel_context.Context | None]],
+) -> tuple[str, otel_context.Context | None, list[trace.Link]]:
+    """One round for many asks: why (the reasons, deduplicated), the trace it continues (the
+    first ask that came with one) and links to the other asks' spans."""
+    whys = list(dict.fromkeys(why for why, _ in wanted)) or ["cluster changed"]
+    why = ", ".join(whys[:_REASONS_SHOWN]) + (f" and {len(whys) - _REASONS_SHOWN} more" if len(whys) > _REASONS_SHOWN else "")
+    traced = [c for _, c in wanted if c is not None and trace.get_current_span(c).get_span_context().is_valid]
+    parent = traced[0] if traced else otel_context.Context()
+    links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in traced[1:]]
+    return why, parent, links
+
+
+def next_check_in(deadline: float | None, now: float, gap: float, grace: float) -> float:
+    """Seconds until the next liveness check: at the earliest deadline, at least ``gap`` away.
+    With no deadline, a grace: any node added meanwhile has a deadline a whole grace away,
+    never sooner, so it cannot be missed."""
+    return max(grace if deadline is None else deadline - now, gap)

@@ -10,9 +10,9 @@ from comp_common.settings import CommonSettings
 class SchedulerGroup(BaseModel):
     # Full re-read of desired state and a reconcile round, to repair missed events.
     resync_seconds: float = 5.0
-    # How often node liveness is checked against the heartbeat grace.
-    liveness_check_seconds: float = 0.25
-    # Observed state is written to Redis in batches this often.
+    # Liveness is checked when the earliest node's grace runs out, but no more often than this.
+    liveness_check_seconds: float = 0.05
+    # Observed state is written to Redis as soon as it changes, then at most this often.
     flush_seconds: float = 0.25
     # Seed for task ids; None draws one from the OS.
     seed: int | None = None

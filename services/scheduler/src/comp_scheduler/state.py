@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+
+from pydantic import TypeAdapter
 
 from comp_common.messages import NodeControl, DeploymentRecord, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
 from comp_common.observed import DeploymentStatus, NodeRecord
@@ -33,13 +36,57 @@ class ClusterState:
     pending_reasons: dict[str, str] = field(default_factory=dict)
     # What operators asked of nodes (cordon, drain), from the node-controls bucket.
     node_controls: dict[str, NodeControl] = field(default_factory=dict)
+    # Deployments whose summary may differ from the one last taken by deployment_statuses().
+    touched: set[str] = field(default_factory=set)
+    # deployment -> its assigned task ids, kept with ``assignments`` (set_assignments) so
+    # that a summary counts one deployment's tasks, not every task in the cluster.
+    _assigned: dict[str, set[str]] = field(init=False, repr=False, default_factory=dict)
+    # (deadline, node id), at most one entry per node that can still go down: the liveness
+    # check looks only at nodes whose deadline has passed, and knows when the next one is.
+    _deadlines: list[tuple[float, str]] = field(init=False, repr=False, default_factory=list)
+    _queued: set[str] = field(init=False, repr=False, default_factory=set)
+    # node id -> (its assignments value, Task values built from it), reused by snapshot()
+    # while the value is the same object.
+    _tasks_of: dict[str, tuple[NodeAssignments, dict[str, Task]]] = field(init=False, repr=False, default_factory=dict)
+    # node id -> its assigned task ids, asked for on every heartbeat
+    _ids_of: dict[str, frozenset[str]] = field(init=False, repr=False, default_factory=dict)
 
     # ---- inputs --------------------------------------------------------------------
-    def load_assignments(self, node_id: str, value: NodeAssignments, revision: int | None, now: float) -> None:
+    def set_assignments(self, node_id: str, value: NodeAssignments, revision: int | None) -> None:
+        """The one way ``assignments`` changes: keeps the per-deployment index and marks
+        the deployments whose task set changed."""
+        old = self.assignments.get(node_id)
+        old_ids = {(t.task_id, t.deployment) for t in old[0].tasks} if old else set()
+        new_ids = {(t.task_id, t.deployment) for t in value.tasks}
+        for task_id, deployment in old_ids - new_ids:
+            self._assigned.get(deployment, set()).discard(task_id)
+            self.touched.add(deployment)
+        for task_id, deployment in new_ids - old_ids:
+            self._assigned.setdefault(deployment, set()).add(task_id)
+            self.touched.add(deployment)
         self.assignments[node_id] = (value, revision)
-        self.nodes.setdefault(node_id, NodeEntry(known_since=now))
+        self._ids_of[node_id] = frozenset(t for t, _ in new_ids)
+
+    def drop_assignments(self, node_id: str) -> None:
+        if node_id in self.assignments:
+            self.set_assignments(node_id, NodeAssignments(node_id=node_id), None)
+            del self.assignments[node_id]
+            del self._ids_of[node_id]
+
+    def node_entry(self, node_id: str, now: float) -> NodeEntry:
+        entry = self.nodes.get(node_id)
+        if entry is None:
+            entry = self.nodes[node_id] = NodeEntry(known_since=now)
+            self._queue_deadline(node_id, now + self.grace_seconds)
+        return entry
+
+    def load_assignments(self, node_id: str, value: NodeAssignments, revision: int | None, now: float) -> None:
+        self.set_assignments(node_id, value, revision)
+        self.node_entry(node_id, now)
         for spec in value.tasks:
-            self.statuses.setdefault(spec.task_id, _pending(spec, node_id, now))
+            if spec.task_id not in self.statuses:
+                self.statuses[spec.task_id] = _pending(spec, node_id, now)
+                self.touched.add(spec.deployment)
 
     def replace_assignments(self, found: Mapping[str, tuple[NodeAssignments, int]], now: float) -> None:
         """Take every node's assignments as the bucket holds them: another scheduler may have
@@ -49,7 +96,7 @@ class ClusterState:
         stopping until its node confirms it gone, as if this scheduler had removed it.
         """
         for node_id in set(self.assignments) - set(found):
-            del self.assignments[node_id]
+            self.drop_assignments(node_id)
         for node_id, (value, revision) in found.items():
             self.load_assignments(node_id, value, revision, now)
         assigned = {spec.task_id for value, _ in self.assignments.values() for spec in value.tasks}
@@ -61,20 +108,24 @@ class ClusterState:
 
     def record_heartbeat(self, hb: Heartbeat, now: float) -> tuple[bool, list[TaskStatus], list[str]]:
         """Returns (node became ready, statuses that changed, stopping tasks now gone)."""
-        entry = self.nodes.setdefault(hb.node_id, NodeEntry(known_since=now))
+        entry = self.node_entry(hb.node_id, now)
         was_ready = entry.status is NodeStatus.READY
         entry.record = NodeRecord.from_heartbeat(hb, now)
         entry.status = NodeStatus.READY
+        if hb.node_id not in self._queued:  # it was down: it can go down again
+            self._queue_deadline(hb.node_id, now + self.grace_seconds)
         assigned = self.assigned_ids(hb.node_id)
         changed = []
         for status in hb.tasks:
             if status.task_id in assigned and self._update_status(status):
                 changed.append(status)
-        reported = {s.task_id for s in hb.tasks}
-        gone = [t for t, n in self.stopping.items() if n == hb.node_id and t not in reported]
-        for task_id in gone:
-            del self.stopping[task_id]
-            self.statuses.pop(task_id, None)
+        gone = []
+        if self.stopping:
+            reported = {s.task_id for s in hb.tasks}
+            gone = [t for t, n in self.stopping.items() if n == hb.node_id and t not in reported]
+            for task_id in gone:
+                del self.stopping[task_id]
+                self._forget_status(task_id)
         return not was_ready, changed, gone
 
     def record_status(self, status: TaskStatus) -> str:
@@ -82,37 +133,91 @@ class ClusterState:
         assigned = status.task_id in self.assigned_ids(status.node_id)
         if status.state is TaskState.STOPPED and not assigned:
             self.stopping.pop(status.task_id, None)
-            return "gone" if self.statuses.pop(status.task_id, None) is not None else "ignored"
+            return "gone" if self._forget_status(status.task_id) else "ignored"
         if not assigned or status.task_id in self.stopping:
             return "ignored"
         return "changed" if self._update_status(status) else "ignored"
 
     def _update_status(self, status: TaskStatus) -> bool:
         old = self.statuses.get(status.task_id)
-        if old is not None and old.model_dump(exclude={"updated_at"}) == status.model_dump(exclude={"updated_at"}):
+        if old is status:  # the same parsed status again (HeartbeatParser)
+            return False
+        # Every field but updated_at, compared directly: a heartbeat repeats each status every
+        # second, and two model_dumps per status were most of the cost of a heartbeat.
+        if old is not None and _status_key(old) == _status_key(status):
+            # Keep the heartbeat's own object: its next heartbeat (parsed once, reused) then
+            # matches by identity, without comparing fields again.
+            self.statuses[status.task_id] = status
             return False
         self.statuses[status.task_id] = status
+        self.touched.add(status.deployment)
+        if old is not None and old.deployment != status.deployment:
+            self.touched.add(old.deployment)
         return True
 
+    def _forget_status(self, task_id: str) -> bool:
+        old = self.statuses.pop(task_id, None)
+        if old is None:
+            return False
+        self.touched.add(old.deployment)
+        return True
+
+    # ---- liveness --------------------------------------------------------------------
+    def _deadline_of(self, entry: NodeEntry) -> float:
+        last = entry.record.last_heartbeat if entry.record else None
+        return (last if last is not None else entry.known_since) + self.grace_seconds
+
+    def _queue_deadline(self, node_id: str, deadline: float) -> None:
+        heapq.heappush(self._deadlines, (deadline, node_id))
+        self._queued.add(node_id)
+
+    def next_deadline(self) -> float | None:
+        """When the next node would go down if no heartbeat comes from it first; None: no node can."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def overdue(self, now: float) -> list[str]:
+        """Nodes past their deadline (heartbeats included) whose status is not DOWN yet."""
+        due, requeue = [], []
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, node_id = heapq.heappop(self._deadlines)
+            entry = self.nodes.get(node_id)
+            if entry is None or entry.status is NodeStatus.DOWN:
+                self._queued.discard(node_id)
+                continue
+            deadline = self._deadline_of(entry)
+            requeue.append((deadline, node_id))
+            if deadline < now:
+                due.append(node_id)
+        for item in requeue:
+            heapq.heappush(self._deadlines, item)
+        return due
+
     def refresh_liveness(self, now: float) -> tuple[list[str], list[str]]:
-        """Re-derive each node's status; returns (went down, came up)."""
+        """Re-derive the status of each node whose deadline has passed; returns (went down,
+        came up).  Only those: every other node heard from within the grace is as it was."""
         down, up = [], []
-        for node_id, entry in self.nodes.items():
+        for node_id in self.overdue(now):
+            entry = self.nodes[node_id]
             last = entry.record.last_heartbeat if entry.record else None
             status = node_status(last, entry.known_since, now, self.grace_seconds)
             if status is not entry.status:
                 (down if status is NodeStatus.DOWN else up).append(node_id)
                 entry.status = status
+        if down:
+            # A down node has no deadline until its next heartbeat queues one again.
+            gone = set(down)
+            self._deadlines = [(d, n) for d, n in self._deadlines if n not in gone]
+            heapq.heapify(self._deadlines)
+            self._queued.difference_update(gone)
         for node_id in down:
             for task_id in [t for t, n in self.stopping.items() if n == node_id]:
                 del self.stopping[task_id]
-                self.statuses.pop(task_id, None)
+                self._forget_status(task_id)
         return down, up
 
     # ---- views -----------------------------------------------------------------------
-    def assigned_ids(self, node_id: str) -> set[str]:
-        found = self.assignments.get(node_id)
-        return {t.task_id for t in found[0].tasks} if found else set()
+    def assigned_ids(self, node_id: str) -> frozenset[str]:
+        return self._ids_of.get(node_id, frozenset())
 
     def draining_nodes(self) -> set[str]:
         return {node_id for node_id, control in self.node_controls.items() if control.draining}
@@ -143,11 +248,25 @@ class ClusterState:
                 cordoned=control.cordoned if (control := self.node_controls.get(node_id)) else False,
                 draining=control.draining if control else False,
             )
-        tasks = {}
+        tasks: dict[str, Task] = {}
+        statuses = self.statuses
         for node_id, (value, _) in self.assignments.items():
+            cached = self._tasks_of.get(node_id)
+            if cached is not None and cached[0] is value:
+                # Task values are immutable: the ones of an unchanged assignments value are
+                # reused, rebuilt only where the state moved.
+                built = cached[1]
+                for task_id, task in built.items():
+                    status = statuses.get(task_id)
+                    state = status.state if status else TaskState.PENDING
+                    if task.state is not state:
+                        task = built[task_id] = replace(task, state=state)
+                    tasks[task_id] = task
+                continue
+            built = {}
             for spec in value.tasks:
-                status = self.statuses.get(spec.task_id)
-                tasks[spec.task_id] = Task(
+                status = statuses.get(spec.task_id)
+                tasks[spec.task_id] = built[spec.task_id] = Task(
                     task_id=spec.task_id,
                     deployment=spec.deployment,
                     node_id=node_id,
@@ -158,28 +277,82 @@ class ClusterState:
                     created_at=spec.created_at,
                     state=status.state if status else TaskState.PENDING,
                 )
+            self._tasks_of[node_id] = (value, built)
+        for node_id in [n for n in self._tasks_of if n not in self.assignments]:
+            del self._tasks_of[node_id]
         return Observed(nodes=MappingProxyType(nodes), tasks=MappingProxyType(tasks))
 
-    def deployment_statuses(self, now: float) -> list[DeploymentStatus]:
-        placed: dict[str, int] = {}
-        running: dict[str, int] = {}
-        for node_id, (value, _) in self.assignments.items():
-            for spec in value.tasks:
-                placed[spec.deployment] = placed.get(spec.deployment, 0) + 1
-                status = self.statuses.get(spec.task_id)
+    def deployment_statuses(self, now: float, keys: Iterable[str] | None = None) -> list[DeploymentStatus]:
+        """Summaries of ``keys`` (default: every desired deployment), counted from the
+        assignments and statuses as they are now; only desired deployments have one."""
+        wanted = self.desired.keys() if keys is None else [k for k in keys if k in self.desired]
+        statuses = self.statuses
+        out = []
+        for key in wanted:
+            assigned = self._assigned.get(key, ())
+            running = 0
+            for task_id in assigned:
+                status = statuses.get(task_id)
                 if status is not None and status.state is TaskState.RUNNING:
-                    running[spec.deployment] = running.get(spec.deployment, 0) + 1
-        return [
-            DeploymentStatus(
-                deployment=key,
-                desired=rec.deployment.spec.replicas,
-                placed=placed.get(key, 0),
-                running=running.get(key, 0),
-                pending_reason=self.pending_reasons.get(key, ""),
-                updated_at=now,
+                    running += 1
+            out.append(
+                DeploymentStatus(
+                    deployment=key,
+                    desired=self.desired[key].deployment.spec.replicas,
+                    placed=len(assigned),
+                    running=running,
+                    pending_reason=self.pending_reasons.get(key, ""),
+                    updated_at=now,
+                )
             )
-            for key, rec in self.desired.items()
-        ]
+        return out
+
+    def take_touched(self) -> set[str]:
+        """The deployments touched since the last call; the caller summarises them."""
+        touched, self.touched = self.touched, set()
+        return touched
+
+
+_TASKS_FIELD = b',"tasks":['
+_TASK_LIST = TypeAdapter(list[TaskStatus])
+
+
+class HeartbeatParser:
+    """Parses heartbeats, validating a node's task list only when it differs from the last one.
+
+    A heartbeat carries every task's status, and between changes it carries the very same
+    bytes for them: at 20 tasks a node, validating those was most of what 5,000 heartbeats a
+    second cost.  The list is the body's last field (as the agents serialise a Heartbeat);
+    when its bytes equal that node's previous list, the previous parse is reused.  Anything
+    else (another field order, a malformed body) takes the full validation, whose error is
+    the one raised.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[bytes, list[TaskStatus]]] = {}
+
+    def parse(self, data: bytes) -> Heartbeat:
+        cut = data.rfind(_TASKS_FIELD)
+        if cut < 0 or not data.endswith(b"}"):
+            return Heartbeat.model_validate_json(data)
+        tasks_json = data[cut + len(_TASKS_FIELD) - 1 : -1]
+        try:
+            head = Heartbeat.model_validate_json(data[:cut] + b"}")
+            last = self._last.get(head.node_id)
+            if last is not None and last[0] == tasks_json:
+                tasks = last[1]
+            else:
+                # Exactly a list, or not this shape at all (then the full validation decides).
+                tasks = _TASK_LIST.validate_json(tasks_json)
+                self._last[head.node_id] = (tasks_json, tasks)
+        except ValueError:
+            return Heartbeat.model_validate_json(data)
+        head.tasks = tasks
+        return head
+
+
+def _status_key(s: TaskStatus) -> tuple:
+    return (s.state, s.node_id, s.deployment, s.message, s.container_id, s.restarts, s.exit_code, s.host_ports)
 
 
 def _pending(spec: TaskSpec, node_id: str, now: float) -> TaskStatus:

@@ -1,0 +1,191 @@
+"""The scheduler service on a real nats-server and redis-server: bursts of events make one
+round, garbage on the raw subscriptions is dropped, and a stall of its own loop does not
+make it declare nodes down (while a node that really stops is still declared down)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import nats
+import pytest
+from faststream import TestApp
+from faststream.nats import NatsBroker
+
+from comp_common import subjects
+from comp_common.kv import list_models, open_bucket, put_model
+from comp_common.manifest import parse_deployments
+from comp_common.messages import Capacity, DeploymentEvent, DeploymentRecord, Heartbeat, NodeAssignments
+from comp_scheduler.main import build_app
+from comp_scheduler.model import NodeStatus
+from comp_scheduler.settings import SchedulerSettings
+
+DEPLOYMENT = """
+apiVersion: comp/v1
+kind: Deployment
+metadata: {name: %s}
+spec: {replicas: 1, image: "comp/busybox:test", resources: {cpu: 0.1, memory: 16Mi}}
+"""
+GRACE = 1.0
+
+
+async def wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Beater:
+    """Heartbeats of some nodes from a thread with its own loop and connection, so that they
+    keep coming while the scheduler's loop (the test's) is blocked."""
+
+    def __init__(self, url: str, node_ids: list[str], period: float = 0.2):
+        self.url, self.period = url, period
+        self.beating = {n: True for n in node_ids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    async def _run(self) -> None:
+        nc = await nats.connect(self.url)
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            for node_id, on in list(self.beating.items()):
+                if on:
+                    hb = Heartbeat(
+                        node_id=node_id, seq=seq, sent_at=time.time(), started_at=0, driver="fake",
+                        capacity=Capacity(cpu=4.0, memory=4 * 1024**3), allocated=Capacity(cpu=0, memory=0),
+                    )
+                    await nc.publish(subjects.node_heartbeat(node_id), hb.model_dump_json().encode())
+            await nc.flush()
+            await asyncio.sleep(self.period)
+        await nc.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+async def scheduler(nats_url, redis_url, cluster_name):
+    settings = SchedulerSettings(
+        cluster=cluster_name,
+        nats={"url": nats_url},
+        redis={"url": redis_url},
+        liveness={"heartbeat_seconds": 0.2, "grace_seconds": GRACE},
+        scheduler={"resync_seconds": 30.0, "seed": 11, "lease_seconds": 30.0},
+        log={"json": False},
+    )
+    app, scheduler = build_app(settings)
+    async with TestApp(app):
+        await wait_for(lambda: scheduler.leading, what="the only scheduler leads")
+        yield scheduler
+
+
+@pytest.fixture
+def downs(scheduler):
+    """Every node the scheduler declares down, in order."""
+    seen: list[str] = []
+    refresh = scheduler.state.refresh_liveness
+
+    def recording(now):
+        down, up = refresh(now)
+        seen.extend(down)
+        return down, up
+
+    scheduler.state.refresh_liveness = recording
+    return seen
+
+
+def ready(scheduler, *node_ids):
+    return all((e := scheduler.state.nodes.get(n)) is not None and e.status is NodeStatus.READY for n in node_ids)
+
+
+async def test_a_burst_of_deployment_events_is_one_round(scheduler, nats_url):
+    beater = Beater(nats_url, ["n1", "n2"])
+    nc = await nats.connect(nats_url)
+    broker = NatsBroker(nats_url)
+    await broker.connect()
+    deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
+    assignments = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
+    try:
+        await wait_for(lambda: ready(scheduler, "n1", "n2"), what="nodes ready")
+        rounds: list[tuple[str, int]] = []
+        inner = scheduler._round
+
+        async def counting(why):
+            plan = await inner(why)
+            rounds.append((why, len(plan.places)))
+            return plan
+
+        scheduler._round = counting
+        names = [f"d{i:02d}" for i in range(20)]
+        # A round under way (held here) while the whole burst arrives: the next round takes it all.
+        async with scheduler._lock:
+            for name in names:
+                record = DeploymentRecord(
+                    deployment=parse_deployments(DEPLOYMENT % name)[0], created_at=time.time(), updated_at=time.time()
+                )
+                rev = await put_model(deployments, f"default.{name}", record, None)
+                event = DeploymentEvent(action="applied", namespace="default", name=name, revision=rev)
+                await nc.publish(subjects.deployment_event("default", name), event.model_dump_json().encode())
+            await wait_for(lambda: len(scheduler.state.desired) == 20, what="every event handled")
+
+        async def all_placed():
+            found = await list_models(assignments, NodeAssignments)
+            return sum(len(v.tasks) for v, _ in found.values()) == 20
+
+        await wait_for(all_placed, what="20 tasks placed")
+        burst = [(why, places) for why, places in rounds if "deployment default." in why]
+        assert len(burst) == 1, rounds
+        why, places = burst[0]
+        assert places == 20 and why.endswith("and 15 more")
+    finally:
+        beater.close()
+        await nc.close()
+        await broker.stop()
+
+
+async def test_garbage_on_the_raw_subscriptions_is_dropped_and_the_service_keeps_serving(scheduler, nats_url):
+    nc = await nats.connect(nats_url)
+    try:
+        for subject in (subjects.node_heartbeat("g"), subjects.task_event("g")):
+            for garbage in (b"\xff\xfe not json", b"{}", b'{"node_id": 5}', b"[]", bytes(range(256)) * 8):
+                await nc.publish(subject, garbage)
+        hb = Heartbeat(
+            node_id="after-garbage", seq=1, sent_at=time.time(), started_at=0, driver="fake",
+            capacity=Capacity(cpu=1.0, memory=1024**3), allocated=Capacity(cpu=0, memory=0),
+        )
+        await nc.publish(subjects.node_heartbeat("after-garbage"), hb.model_dump_json().encode())
+        await wait_for(lambda: ready(scheduler, "after-garbage"), what="a valid heartbeat after the garbage")
+        assert "g" not in scheduler.state.nodes
+        assert all(not sub._closed for sub in scheduler.inputs), "the subscriptions live on"
+    finally:
+        await nc.close()
+
+
+async def test_a_stalled_loop_declares_no_node_down_but_a_silent_node_still_goes_down(scheduler, nats_url, downs):
+    beater = Beater(nats_url, ["s1", "s2"])
+    try:
+        await wait_for(lambda: ready(scheduler, "s1", "s2"), what="nodes ready")
+        # The whole loop blocked for two graces, as a huge round once did: heartbeats keep
+        # coming (from another thread) but wait in the socket.  Every node looks late when
+        # the loop wakes; none is.
+        time.sleep(2 * GRACE + 0.5)
+        await asyncio.sleep(0.3)  # the checks that follow the stall
+        await wait_for(lambda: ready(scheduler, "s1", "s2"), what="nodes still ready")
+        assert downs == []
+
+        beater.beating["s1"] = False  # s1 really stops
+        await wait_for(lambda: downs == ["s1"], what="the silent node declared down")
+        assert ready(scheduler, "s2")
+    finally:
+        beater.close()
