@@ -70,9 +70,28 @@ def test_sigkilled_agent_tasks_move_and_duplicates_go_when_it_returns(two_nodes,
     assert len(container_ids()) == 4 + len(moved)
 
     two_nodes.start_agent(lost_node)
-    wait_until(lambda: len(container_ids()) == 4, timeout=30, what="the returning node stops its stale copies")
-    assert {t["task_id"] for t in running_on()} == {t["task_id"] for t in after}
-    assert all(t["node_id"] == survivor for t in tasks())
+
+    def stale_copies() -> set[str]:
+        found = docker_client.api.containers(
+            all=True, filters={"label": [f"{labels.CLUSTER}={two_nodes.config.cluster}", f"{labels.NODE}={lost_node}"]}
+        )
+        return {c["Labels"][labels.TASK_ID] for c in found} & moved
+
+    wait_until(lambda: not stale_copies(), timeout=30, what="the returning node removes its stale copies")
+    # Then the rebalancer spreads the deployment back over both nodes, one move at a time,
+    # each new copy running before the old one goes.
+    lowest = 4
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now_running = running_on()
+        lowest = min(lowest, len(now_running))
+        assert not moved & {t["task_id"] for t in now_running}, "a replaced task never runs again"
+        if len(now_running) == 4 and {t["node_id"] for t in now_running} == {lost_node, survivor} and len(container_ids()) == 4:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"not spread back out: {running_on()}")
+    assert lowest >= 4, "rebalancing must never leave fewer than the desired replicas running"
 
 
 def test_drain_moves_tasks_without_dropping_below_the_replica_count(two_nodes, docker_client, busybox_image):
