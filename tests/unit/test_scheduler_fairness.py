@@ -14,8 +14,8 @@ from comp_common.manifest import DeploymentSpec
 from comp_common.messages import NamespaceRecord, TaskState
 from comp_common.quota import Quota
 from comp_scheduler.model import Desired, Node, NodeStatus, Observed, Task
-from comp_scheduler.placement import Request, Usage, filters_for
 from comp_scheduler.reconcile import reconcile
+from scheduler_checks import assert_feasible_everywhere
 
 MI = 1024**2
 GI = 1024**3
@@ -244,13 +244,4 @@ def test_with_quotas_still_deterministic_and_feasible(w, seed):
     want, obs, quotas = w
     plan = reconcile(want, obs, 0.0, random.Random(seed), namespaces=quotas)
     assert plan == reconcile(want, obs, 0.0, random.Random(seed), namespaces=quotas)
-    stopped = {s.task_id for s in plan.stops}
-    usage = Usage()
-    for t in obs.tasks.values():
-        if t.task_id not in stopped:
-            usage.add(t.node_id, Request(t.deployment, t.cpu, t.memory, t.host_ports))
-    for place in plan.places:
-        target = obs.nodes[place.node_id]
-        request = Request.of(want[place.deployment])
-        assert all(f.feasible(target, usage.of(target.node_id), request) for f in filters_for(request, ())), place
-        usage.add(target.node_id, request)
+    assert_feasible_everywhere(want, obs, plan)

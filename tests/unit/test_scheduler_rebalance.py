@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from comp_common.manifest import DeploymentSpec
 from comp_common.messages import TaskState
 from comp_scheduler.model import Desired, Node, NodeStatus, Observed, RebalancePolicy, Task
-from comp_scheduler.placement import Request, Usage, filters_for
 from comp_scheduler.reconcile import reconcile
+from scheduler_checks import assert_feasible_everywhere
 
 MI = 1024**2
 
@@ -248,20 +248,6 @@ def test_no_round_lowers_running_replicas_while_moves_come_up_slowly(w, seed, po
                                       state=TaskState.FAILED if starts.random() < 0.1 else TaskState.RUNNING)
 
 
-def _feasible_everywhere(want, obs, plan):
-    stopped = {s.task_id for s in plan.stops}
-    usage = Usage()
-    for t in obs.tasks.values():
-        if t.task_id not in stopped:
-            usage.add(t.node_id, Request(t.deployment, t.cpu, t.memory, t.host_ports))
-    for place in plan.places:
-        target = obs.nodes[place.node_id]
-        request = Request.of(want[place.deployment])
-        failed = [f.reason for f in filters_for(request, ()) if not f.feasible(target, usage.of(target.node_id), request)]
-        assert not failed, (place, failed)
-        usage.add(target.node_id, request)
-
-
 def _apply(want, tasks, plan, now):
     for stop in plan.stops:
         del tasks[stop.task_id]
@@ -280,7 +266,7 @@ def test_rebalancing_converges_and_stays_converged(w, seed, policy):
     for now in range(80):
         current = Observed(obs.nodes, MappingProxyType(dict(tasks)))
         plan = reconcile(want, current, float(now), rng, rebalance=policy)
-        _feasible_everywhere(want, current, plan)
+        assert_feasible_everywhere(want, current, plan)
         for key, dep in want.items():
             # A move holds one extra copy at most per allowed move, never more.
             holding = sum(t.deployment == key for t in tasks.values())

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from comp_common.manifest import DeploymentSpec
 from comp_common.messages import TaskState
 from comp_scheduler.model import Desired, Node, NodeStatus, Observed, Taint, Task
-from comp_scheduler.placement import Request, Usage, filters_for
 from comp_scheduler.reconcile import node_status, reconcile
+from scheduler_checks import assert_feasible_everywhere
 
 MI = 1024**2
 
@@ -326,27 +326,11 @@ def test_converged_never_more_than_desired_and_then_stable(world, seed):
     assert plans[-1].empty and len(plans) <= 6
 
 
-def _feasible_everywhere(want, obs, plan):
-    """Each place passes every filter on the ledger as the plan leaves it up to that place."""
-    stopped = {s.task_id for s in plan.stops}
-    usage = Usage()
-    for t in obs.tasks.values():
-        if t.task_id not in stopped:
-            usage.add(t.node_id, Request(t.deployment, t.cpu, t.memory, t.host_ports))
-    taints = {t for n in obs.nodes.values() for t in n.taints}
-    for place in plan.places:
-        node = obs.nodes[place.node_id]
-        request = Request.of(want[place.deployment])
-        failed = [f.reason for f in filters_for(request, taints) if not f.feasible(node, usage.of(node.node_id), request)]
-        assert not failed, (place, failed)
-        usage.add(node.node_id, request)
-
-
 @settings(max_examples=300, deadline=None)
 @given(worlds(), st.integers(0, 2**32))
 def test_never_places_on_an_infeasible_node(world, seed):
     want, obs = world
-    _feasible_everywhere(want, obs, reconcile(want, obs, 0.0, random.Random(seed)))
+    assert_feasible_everywhere(want, obs, reconcile(want, obs, 0.0, random.Random(seed)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -354,7 +338,7 @@ def test_never_places_on_an_infeasible_node(world, seed):
 def test_preempts_only_lower_priority_and_only_to_place(world, seed, default):
     want, obs = world
     plan = reconcile(want, obs, 0.0, random.Random(seed), default_strategy=default)
-    _feasible_everywhere(want, obs, plan)
+    assert_feasible_everywhere(want, obs, plan)
     places_by_node = Counter((p.node_id, p.deployment) for p in plan.places if p.reason.startswith("preempting"))
     for stop in plan.stops:
         if not stop.reason.startswith("preempted by "):
