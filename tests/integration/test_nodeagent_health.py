@@ -12,18 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import docker
-import nats
 import pytest
-from nats.aio.client import Client as NatsClient
-from pydantic import BaseModel
 
+from live_agent import LiveAgent, live_agent
 from waiting import eventually
-from comp_common import subjects
 from comp_common.manifest import Health, HealthCheck, Port
-from comp_common.messages import HealthEvent, HealthState, NodeAssignments, TaskSpec, TaskState, TaskStatus
-from comp_nodeagent.agent import Agent
+from comp_common.messages import HealthState, TaskSpec, TaskState
 from comp_nodeagent.docker_driver import DockerDriver
-from comp_nodeagent.settings import NodeAgentGroup
 
 pytestmark = pytest.mark.docker
 
@@ -31,68 +26,10 @@ NODE = "node-h"
 WAIT = 30.0
 
 
-class LiveAgent:
-    """An Agent over the docker driver, publishing on NATS; its assignments are what the test says."""
-
-    def __init__(self, nc: NatsClient, cluster: str, **settings: Any):
-        self.nc = nc
-        self.tasks: list[TaskSpec] = []
-        self.statuses: list[TaskStatus] = []
-        self.events: list[HealthEvent] = []
-        self.driver = DockerDriver(cluster=cluster, node_id=NODE)
-        self.agent = Agent(
-            settings=NodeAgentGroup(node_id=NODE, resync_seconds=3600, **settings),
-            heartbeat_seconds=3600,
-            driver=self.driver,
-            load_assignments=self._load,
-            publish=self._publish,
-        )
-
-    async def _load(self) -> NodeAssignments:
-        return NodeAssignments(node_id=NODE, tasks=self.tasks)
-
-    async def _publish(self, message: BaseModel, subject: str) -> None:
-        await self.nc.publish(subject, message.model_dump_json().encode())
-
-    async def subscribe(self) -> None:
-        async def on_status(msg: Any) -> None:
-            self.statuses.append(TaskStatus.model_validate_json(msg.data))
-
-        async def on_health(msg: Any) -> None:
-            self.events.append(HealthEvent.model_validate_json(msg.data))
-
-        await self.nc.subscribe(subjects.task_event(NODE), cb=on_status)
-        await self.nc.subscribe(subjects.health_event(NODE), cb=on_health)
-        await self.nc.flush()
-
-    async def assign(self, *tasks: TaskSpec) -> None:
-        self.tasks = list(tasks)
-        await self.agent.reconcile("assigned")
-
-    def latest(self, task_id: str) -> TaskStatus | None:
-        return next((s for s in reversed(self.statuses) if s.task_id == task_id), None)
-
-    def running(self, task_id: str, **fields: Any) -> TaskStatus | None:
-        status = self.latest(task_id)
-        if status and status.state == TaskState.RUNNING and all(getattr(status, k) == v for k, v in fields.items()):
-            return status
-        return None
-
-    def health(self, task_id: str) -> list[tuple[str, HealthState, HealthState]]:
-        return [(e.check, e.previous, e.state) for e in self.events if e.task_id == task_id]
-
-
 @pytest.fixture
 async def live(nats_url: str, cluster_name: str) -> AsyncIterator[LiveAgent]:
-    nc = await nats.connect(nats_url)
-    live = LiveAgent(nc, cluster_name)
-    await live.subscribe()
-    await live.agent.start()
-    try:
-        yield live
-    finally:
-        await live.agent.stop()
-        await nc.close()
+    async with live_agent(nats_url, DockerDriver(cluster=cluster_name, node_id=NODE), NODE) as agent:
+        yield agent
 
 
 def task(task_id: str, image: str, script: str, **fields: Any) -> TaskSpec:

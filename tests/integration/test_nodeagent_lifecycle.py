@@ -13,19 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import docker
-import nats
 import pytest
-from nats.aio.client import Client as NatsClient
-from pydantic import BaseModel
 
+from live_agent import LiveAgent, live_agent
 from waiting import eventually
-from comp_common import subjects
 from comp_common.manifest import RestartPolicy
-from comp_common.messages import NodeAssignments, TaskSpec, TaskState, TaskStatus
-from comp_nodeagent.agent import Agent
+from comp_common.messages import TaskSpec, TaskState
 from comp_nodeagent.docker_driver import DockerDriver, _parse_engine_time
 from comp_nodeagent.driver import RuntimeTask
-from comp_nodeagent.settings import NodeAgentGroup
 
 pytestmark = pytest.mark.docker
 
@@ -51,58 +46,10 @@ class RecordingDriver(DockerDriver):
         await super().remove(runtime_task)
 
 
-class LiveAgent:
-    def __init__(self, nc: NatsClient, cluster: str, **settings: Any):
-        self.nc = nc
-        self.tasks: list[TaskSpec] = []
-        self.statuses: list[TaskStatus] = []
-        self.driver = RecordingDriver(cluster=cluster, node_id=NODE)
-        self.agent = Agent(
-            settings=NodeAgentGroup(node_id=NODE, resync_seconds=3600, **settings),
-            heartbeat_seconds=3600,
-            driver=self.driver,
-            load_assignments=self._load,
-            publish=self._publish,
-        )
-
-    async def _load(self) -> NodeAssignments:
-        return NodeAssignments(node_id=NODE, tasks=self.tasks)
-
-    async def _publish(self, message: BaseModel, subject: str) -> None:
-        await self.nc.publish(subject, message.model_dump_json().encode())
-
-    async def subscribe(self) -> None:
-        async def on_status(msg: Any) -> None:
-            self.statuses.append(TaskStatus.model_validate_json(msg.data))
-
-        await self.nc.subscribe(subjects.task_event(NODE), cb=on_status)
-        await self.nc.flush()
-
-    async def assign(self, *tasks: TaskSpec) -> None:
-        self.tasks = list(tasks)
-        await self.agent.reconcile("assigned")
-
-    def of(self, task_id: str, state: TaskState | None = None) -> list[TaskStatus]:
-        return [s for s in self.statuses if s.task_id == task_id and (state is None or s.state == state)]
-
-    def latest(self, task_id: str, state: TaskState, **fields: Any) -> TaskStatus | None:
-        status = next((s for s in reversed(self.statuses) if s.task_id == task_id), None)
-        if status and status.state == state and all(getattr(status, k) == v for k, v in fields.items()):
-            return status
-        return None
-
-
 @pytest.fixture
 async def live(nats_url: str, cluster_name: str) -> AsyncIterator[LiveAgent]:
-    nc = await nats.connect(nats_url)
-    live = LiveAgent(nc, cluster_name)
-    await live.subscribe()
-    await live.agent.start()
-    try:
-        yield live
-    finally:
-        await live.agent.stop()
-        await nc.close()
+    async with live_agent(nats_url, RecordingDriver(cluster=cluster_name, node_id=NODE), NODE) as agent:
+        yield agent
 
 
 def task(task_id: str, image: str, script: str, **fields: Any) -> TaskSpec:
