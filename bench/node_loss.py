@@ -9,9 +9,12 @@ Where the time goes, per round and as medians, from the kill (wall clock, as NAT
 receipts in this process and the scheduler's log lines are stamped):
   last heartbeat   the victim's last heartbeat seen here (before the kill)
   node down        the scheduler's "node down" log line (last heartbeat + grace + check delay)
-  placed           the placement event with the replacements (the round)
-  first running    first task status RUNNING of a replacement, from the survivor's agent
-  last running     the last of them (nudge, KV read, docker create and start)
+  placed           the placement event with the replacements (the round; its nudge to the
+                   survivor went out just before)
+  first starting   first task status STARTING of a replacement: the survivor's agent got the
+                   nudge, read its assignments and began the start (agent overhead)
+  first running    first task status RUNNING of a replacement (docker create and start)
+  last running     the last of them (the engine's starts of all replacements)
   api              the API lists every replica running (scheduler flush to Redis, API read, poll)
 """
 
@@ -45,7 +48,7 @@ spec:
   resources: {{cpu: 0.1, memory: 16Mi}}
 """
 ANCHORS = "Swarm ~15 s to mark a node down, Nomad ~20 s, Kubernetes 50 s + 300 s before eviction"
-STAGES = ("last heartbeat", "node down", "placed", "first running", "last running", "api")
+STAGES = ("last heartbeat", "node down", "placed", "first starting", "first running", "last running", "api")
 
 
 class Listener:
@@ -55,6 +58,7 @@ class Listener:
         self.url, self.victim, self.survivor = url, victim, survivor
         self.heartbeats: list[float] = []
         self.placements: list[tuple[float, dict]] = []
+        self.starting: dict[str, float] = {}  # task id -> first STARTING on the survivor
         self.running: dict[str, float] = {}  # task id -> first RUNNING on the survivor
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -79,7 +83,9 @@ class Listener:
 
         async def task(msg) -> None:
             status = json.loads(msg.data)
-            if status["state"] == "running":
+            if status["state"] == "starting":
+                self.starting.setdefault(status["task_id"], time.time())
+            elif status["state"] == "running":
                 self.running.setdefault(status["task_id"], time.time())
 
         await self.nc.subscribe(f"comp.node.{self.victim}.heartbeat", cb=heartbeat)
@@ -144,10 +150,12 @@ def one_round(replicas: int, heartbeat: float, grace: float) -> tuple[float, dic
             placed = [at for at, event in listener.placements if event.get("placed") and at >= killed_at]
             replacements = {t["task_id"] for t in current} - {t["task_id"] for t in before}
             runs = sorted(at for task_id, at in listener.running.items() if task_id in replacements)
+            starts = sorted(at for task_id, at in listener.starting.items() if task_id in replacements)
             marks = {
                 "last heartbeat": max((at for at in listener.heartbeats if at <= killed_at), default=float("nan")),
                 "node down": down if down is not None else float("nan"),
                 "placed": placed[0] if placed else float("nan"),
+                "first starting": starts[0] if starts else float("nan"),
                 "first running": runs[0] if runs else float("nan"),
                 "last running": runs[-1] if runs else float("nan"),
                 "api": api_at,

@@ -64,14 +64,23 @@ class FakeDriver:
         self.on_event: Callable[[str | None], None] | None = None
         self.watch_handle = FakeWatch()
         self._ids = itertools.count(1)
+        # Every engine call in order: ("list", None), ("start", task id), ...
+        self.calls: list[tuple[str, str | None]] = []
+        # While set and not released, a listing waits: what a pass does before one is done.
+        self.list_gate: asyncio.Event | None = None
 
     async def capacity(self) -> Capacity:
         return Capacity(cpu=4.0, memory=8 * 1024**3)
 
     async def list_tasks(self) -> list[RuntimeTask]:
+        self.calls.append(("list", None))
+        if self.list_gate is not None:
+            await self.list_gate.wait()
+        self.calls.append(("listed", None))
         return list(self.containers.values())
 
     async def start(self, task: TaskSpec) -> RuntimeTask:
+        self.calls.append(("start", task.task_id))
         self.starts.append(task.task_id)
         if task.task_id in self.gates:
             await self.gates[task.task_id].wait()
@@ -532,3 +541,76 @@ async def test_stops_wait_out_their_grace_together_not_in_the_engine_slots() -> 
         assert set(harness.driver.graces) == {3}  # the node's cap below the task's 30 s
     finally:
         await harness.agent.stop()
+
+
+async def test_a_nudge_starts_a_new_task_without_waiting_for_a_listing(harness: Harness) -> None:
+    harness.assign("a")
+    await harness.agent.start()
+    await eventually(lambda: harness.status("a", TaskState.RUNNING), "a running")
+    # The follow-up pass of a's start out of the way: it would hold the pass lock at the gate.
+    await eventually(
+        lambda: not harness.agent._inflight and not harness.agent._pass_wanted.is_set() and not harness.agent._pass_lock.locked(),
+        "no action or pass pending",
+    )
+
+    harness.driver.calls.clear()
+    harness.driver.list_gate = asyncio.Event()  # the engine's listing hangs
+    harness.assign("a", "b")
+    nudged = asyncio.create_task(harness.agent.on_nudge(Nudge(node_id=NODE, version=2, epoch=0)))
+    running = await eventually(lambda: harness.status("b", TaskState.RUNNING), "b running while the listing hangs")
+    # The pass lists after launching the start (the listing may reach the engine first, it
+    # does not hold the start up): b ran while the listing had not returned.
+    assert ("start", "b") in harness.driver.calls and ("listed", None) not in harness.driver.calls, harness.driver.calls
+    assert not nudged.done(), "the pass still waits for its listing"
+    assert running.container_id is not None
+
+    # The listing then finds b's container and leaves it be: no second start, no adoption.
+    harness.driver.list_gate.set()
+    await nudged
+    await harness.agent.reconcile("test")
+    assert harness.driver.starts == ["a", "b"]
+    assert [state for state, _ in harness.history("b")] == [TaskState.STARTING, TaskState.RUNNING]
+
+
+async def test_a_task_known_to_the_agent_waits_for_the_listing(harness: Harness) -> None:
+    """Only tasks the agent has no record of skip the listing: for one it tracks, only the
+    listing can say what the host has (here its container vanished behind the agent's back)."""
+    harness.assign("a")
+    await harness.agent.start()
+    await eventually(lambda: harness.status("a", TaskState.RUNNING), "a running")
+    await eventually(
+        lambda: not harness.agent._inflight and not harness.agent._pass_wanted.is_set() and not harness.agent._pass_lock.locked(),
+        "no action or pass pending",
+    )
+    harness.driver.containers.clear()
+
+    harness.driver.calls.clear()
+    harness.driver.list_gate = asyncio.Event()
+    nudged = asyncio.create_task(harness.agent.on_nudge(Nudge(node_id=NODE, version=2, epoch=0)))
+    await eventually(lambda: harness.driver.calls == [("list", None)], "the pass lists")
+    assert harness.driver.starts == ["a"], f"no start before the listing: {harness.driver.calls}"
+    harness.driver.list_gate.set()
+    await nudged
+    await eventually(lambda: harness.driver.starts == ["a", "a"], "a started again after the listing")
+    assert harness.driver.calls[:3] == [("list", None), ("listed", None), ("start", "a")]
+
+
+async def test_a_nudge_before_the_first_listing_adopts_rather_than_starts(harness: Harness) -> None:
+    """A restarted agent knows nothing yet: a container of the last agent's may run the task."""
+    harness.driver.containers["c-old"] = RuntimeTask("a", "c-old", "running", spec_hash="h1", deployment="default.web")
+    harness.assign("a")
+    await harness.agent.on_nudge(Nudge(node_id=NODE, version=1, epoch=0))
+    adopted = await eventually(lambda: harness.status("a", TaskState.RUNNING), "a adopted")
+    assert adopted.container_id == "c-old"
+    assert harness.driver.starts == []
+    assert harness.driver.calls == [("list", None), ("listed", None)]
+
+
+async def test_a_refused_assignment_starts_nothing_new(harness: Harness) -> None:
+    harness.assign("a", epoch=5)
+    await harness.agent.start()
+    await eventually(lambda: harness.status("a", TaskState.RUNNING), "a running")
+    harness.assign("a", "stale", epoch=4)  # a deposed leader's write
+    await harness.agent.on_nudge(Nudge(node_id=NODE, version=9, epoch=5))
+    await harness.agent.reconcile("test")
+    assert "stale" not in harness.driver.starts

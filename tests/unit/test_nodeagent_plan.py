@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from comp_common.manifest import RestartPolicy
 from comp_common.messages import TaskSpec
-from comp_nodeagent.agent import Action, ActionKind, backoff_delay, plan_actions
+from comp_nodeagent.agent import NEW_TASK_REASON, Action, ActionKind, backoff_delay, plan_actions, plan_new_starts
 from comp_nodeagent.driver import RuntimeTask
 
 START, RESTART, STOP, ADOPT = ActionKind.START, ActionKind.RESTART, ActionKind.STOP, ActionKind.ADOPT
@@ -234,3 +234,35 @@ def test_plan_converges_on_desired(wanted: set[str], hashes: dict[str, str], run
 def test_busy_tasks_are_never_touched(wanted: set[str], runtime: list[RuntimeTask], busy: set[str]) -> None:
     actions = plan_actions([spec(t) for t in wanted], runtime, busy=busy)
     assert not {a.task_id for a in actions} & busy
+
+
+@pytest.mark.parametrize(
+    ("desired", "known", "not_before", "starts"),
+    [
+        pytest.param(["a"], set(), {}, ["a"], id="new task"),
+        pytest.param(["b", "a"], set(), {}, ["a", "b"], id="several, in task id order"),
+        pytest.param(["a", "b"], {"a"}, {}, ["b"], id="a tracked task is left to the listing"),
+        pytest.param(["a"], {"a"}, {}, [], id="in flight or reported"),
+        pytest.param(["a"], set(), {"a": 11.0}, [], id="backing off"),
+        pytest.param(["a"], set(), {"a": 9.0}, ["a"], id="backoff over"),
+        pytest.param([], {"gone"}, {}, [], id="unassigned is no start: stops need the listing"),
+    ],
+)
+def test_plan_new_starts(desired: list[str], known: set[str], not_before: dict[str, float], starts: list[str]) -> None:
+    actions = plan_new_starts([spec(t) for t in desired], known=known, not_before=not_before, now=10.0)
+    assert [a.task_id for a in actions] == starts
+    assert all(a.kind is START and a.reason == NEW_TASK_REASON and a.spec is not None for a in actions)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    desired=st.sets(st.sampled_from("abcdef")),
+    known=st.sets(st.sampled_from("abcdef")),
+)
+def test_new_starts_are_starts_plan_actions_would_make_on_an_empty_host(desired: set[str], known: set[str]) -> None:
+    """The shortcut never starts what the full plan would not: a task unknown to the agent and
+    without a container is a START there too."""
+    specs = [spec(t) for t in desired]
+    quick = {a.task_id for a in plan_new_starts(specs, known=known)}
+    full = {a.task_id for a in plan_actions(specs, [], busy=known) if a.kind is START}
+    assert quick == full

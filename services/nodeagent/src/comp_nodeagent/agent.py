@@ -13,7 +13,10 @@ Two halves, as in dask's worker state machine:
   running task is an asyncio loop of its own (see :mod:`comp_nodeagent.health`).
 
 A pass is level-triggered: it re-reads the assignments and re-lists the containers, so
-a missed nudge or event is repaired by the next pass, whatever triggered it.
+a missed nudge or event is repaired by the next pass, whatever triggered it.  Tasks new to
+the agent (the pure :func:`plan_new_starts`) are started before the listing, once the host
+has been listed since the agent started: a replacement placed here waits for the engine's
+start only.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ tracer = trace.get_tracer("comp_nodeagent")
 SHUTDOWN_WAIT_SECONDS = 5.0
 FOLLOW_UP_PASS_DELAY_SECONDS = 0.2
 _FINISHED = " finished"
+NEW_TASK_REASON = "newly assigned"
 # After an engine error in a stop or replace, the task is held back this long so that a
 # persistent error (an engine in trouble) is retried at a walk, not in a tight loop.
 ACTION_ERROR_PAUSE_SECONDS = 1.0
@@ -153,6 +157,28 @@ def plan_actions(
         elif tracked.get(task_id) != container.container_id:
             actions.append(Action(ActionKind.ADOPT, task_id, "found running", spec, found))
     return actions
+
+
+def plan_new_starts(
+    desired: Iterable[TaskSpec],
+    *,
+    known: Collection[str],
+    not_before: Mapping[str, float] | None = None,
+    now: float = 0.0,
+) -> list[Action]:
+    """Starts that need no listing: assigned tasks the agent has no record of.
+
+    ``known``: task ids the agent reports a status for or has an action under way for.  A
+    task it has never seen has no container here, once the host has been listed since the
+    agent started (containers of an earlier agent are then known, adopted or stopped).
+    ``not_before`` as for :func:`plan_actions`.
+    """
+    not_before = not_before or {}
+    return [
+        Action(ActionKind.START, task.task_id, NEW_TASK_REASON, spec=task)
+        for task in sorted(desired, key=lambda t: t.task_id)
+        if task.task_id not in known and not_before.get(task.task_id, now) <= now
+    ]
 
 
 def _ended_reason(container: RuntimeTask) -> str:
@@ -283,6 +309,9 @@ class Agent:
         self._heartbeat_seq = 0
 
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        # Whether a pass has listed the host since this agent started: until then a task the
+        # agent has no record of may still have a container here, left by the last agent.
+        self._listed = False
         # Task ids whose action finished while a pass was listing: that listing may predate
         # the action's effect, so the pass leaves them to the pass the finish triggers.
         self._settled_since_listing: set[str] = set()
@@ -425,6 +454,18 @@ class Agent:
                     )
             if current:
                 self._desired = {task.task_id: task for task in (assignments.tasks if assignments else [])}
+            if self._listed:
+                # A task new to this node needs no listing to be started: the agent knows from
+                # its own records that it has no container (the engine's create also refuses a
+                # second one by name).  The listing that follows leaves it alone while it starts,
+                # so a replacement does not wait for the engine to list every container first.
+                for action in plan_new_starts(
+                    self._desired.values(),
+                    known=self._statuses.keys() | self._inflight.keys(),
+                    not_before=self._not_before,
+                    now=time.monotonic(),
+                ):
+                    self._launch(action, trigger)
             try:
                 actual = await self.driver.list_tasks()
             except Exception:
@@ -441,13 +482,17 @@ class Agent:
                 terminated=self._terminated,
             )
             for action in actions:
-                log.info(
-                    "action",
-                    extra={"action": action.kind.value, "task_id": action.task_id, "reason": action.reason, "trigger": trigger},
-                )
-                self._inflight[action.task_id] = asyncio.create_task(
-                    self._execute(action), name=f"nodeagent-{action.kind.value}-{action.task_id}"
-                )
+                self._launch(action, trigger)
+            self._listed = True
+
+    def _launch(self, action: Action, trigger: str) -> None:
+        log.info(
+            "action",
+            extra={"action": action.kind.value, "task_id": action.task_id, "reason": action.reason, "trigger": trigger},
+        )
+        self._inflight[action.task_id] = asyncio.create_task(
+            self._execute(action), name=f"nodeagent-{action.kind.value}-{action.task_id}"
+        )
 
     async def _run_requested_passes(self) -> None:
         while True:

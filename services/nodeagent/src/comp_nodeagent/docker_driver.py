@@ -1,6 +1,6 @@
 """The Docker Engine as a runtime, through the (synchronous) docker SDK.
 
-Every engine call runs in a worker thread (``asyncio.to_thread``) so the agent's event
+Every engine call runs in a worker thread of the driver's own pools so the agent's event
 loop never waits on the engine; engine events are read by a thread of their own and
 handed to the loop with ``call_soon_threadsafe``.
 """
@@ -8,14 +8,17 @@ handed to the loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
@@ -35,10 +38,15 @@ _RECONNECT_SECONDS = 1.0
 # default executor (cores + 4 threads) ten 10 s stops would hold up every other engine
 # call, and stops beyond the thread count would wait for a whole grace each.
 WAIT_THREADS = 64
+# Engine threads beyond the agent's parallelism: a listing and an address lookup for a
+# health check, beside a full set of starts.
+SPARE_ENGINE_THREADS = 2
 # The most of an exec check's output kept: enough for its detail line.
 EXEC_OUTPUT_LIMIT = 4096
 # Name prefix of an ended container set aside for removal (see DockerDriver.set_aside).
 SET_ASIDE_PREFIX = "comp-ended-"
+
+T = TypeVar("T")
 
 
 def container_name(cluster: str, task_id: str) -> str:
@@ -52,9 +60,15 @@ class DockerDriver:
     def __init__(self, cluster: str, node_id: str, max_concurrency: int = 8, client: docker.DockerClient | None = None):
         self.cluster = cluster
         self.node_id = node_id
-        # One pooled connection per concurrent engine operation, plus a spare for listing,
-        # plus one per waiting thread.
-        self._client = client or docker.from_env(max_pool_size=max_concurrency + 2 + WAIT_THREADS)
+        # One pooled connection per engine thread and per waiting thread: a call never waits
+        # for a connection.
+        self._client = client or docker.from_env(max_pool_size=max_concurrency + SPARE_ENGINE_THREADS + WAIT_THREADS)
+        # Not the loop's default executor: that has cores + 4 threads (6 on a 2-core host),
+        # fewer than the agent's parallelism, so there the 7th and 8th start of a deploy
+        # waited for a thread while holding an engine slot.
+        self._engine = ThreadPoolExecutor(
+            max_workers=max_concurrency + SPARE_ENGINE_THREADS, thread_name_prefix="docker-engine"
+        )
         self._waits = ThreadPoolExecutor(max_workers=WAIT_THREADS, thread_name_prefix="docker-wait")
         # container id -> its address on its network; fixed for the container's life.
         self._addresses: dict[str, str] = {}
@@ -67,21 +81,21 @@ class DockerDriver:
 
     # ---- RuntimeDriver -----------------------------------------------------------------
     async def capacity(self) -> Capacity:
-        info = await asyncio.to_thread(self._client.info)
+        info = await self._call(self._client.info)
         return Capacity(cpu=float(info["NCPU"]), memory=int(info["MemTotal"]))
 
     async def list_tasks(self) -> list[RuntimeTask]:
-        return await asyncio.to_thread(self._list_tasks)
+        return await self._call(self._list_tasks)
 
     async def start(self, task: TaskSpec) -> RuntimeTask:
-        return await asyncio.to_thread(self._start, task)
+        return await self._call(self._start, task)
 
     async def stop(self, runtime_task: RuntimeTask, grace_seconds: float | None) -> None:
         await asyncio.get_running_loop().run_in_executor(self._waits, self._stop, runtime_task.container_id, grace_seconds)
 
     async def remove(self, runtime_task: RuntimeTask) -> None:
         self._addresses.pop(runtime_task.container_id, None)
-        await asyncio.to_thread(self._remove, runtime_task.container_id)
+        await self._call(self._remove, runtime_task.container_id)
 
     async def set_aside(self, runtime_task: RuntimeTask) -> None:
         """Free the task's container name for its next container at once.
@@ -90,7 +104,7 @@ class DockerDriver:
         filesystem (~100 ms), time a restart need not wait for: the agent removes the
         set-aside container while the new one starts."""
         try:
-            await asyncio.to_thread(self._client.api.rename, runtime_task.container_id, _set_aside_name(runtime_task.container_id))
+            await self._call(self._client.api.rename, runtime_task.container_id, _set_aside_name(runtime_task.container_id))
         except NotFound:
             pass
 
@@ -98,7 +112,7 @@ class DockerDriver:
         address = self._addresses.get(container_id)
         if address is None:
             try:
-                attrs = await asyncio.to_thread(self._client.api.inspect_container, container_id)
+                attrs = await self._call(self._client.api.inspect_container, container_id)
             except NotFound:
                 return None
             address = _container_address(attrs)
@@ -130,7 +144,14 @@ class DockerDriver:
 
     async def close(self) -> None:
         self._waits.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self._client.close)
+        await self._call(self._client.close)
+        self._engine.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        # The caller's context goes along, as with asyncio.to_thread: a span open around the
+        # call stays the current one in the thread.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._engine, functools.partial(context.run, fn, *args))
 
     # ---- listing -----------------------------------------------------------------------
     def _list_tasks(self) -> list[RuntimeTask]:
@@ -150,7 +171,10 @@ class DockerDriver:
                 if state not in ALIVE_STATES:
                     self._waits.submit(self._remove_quietly, summary["Id"])
                     continue
-            if state in ALIVE_STATES and summary["Id"] not in ended_by_event:
+            # A created container never ran: it has no exit code or run times to inspect for.
+            # It is also, most often, one whose start is under way, and the engine answers
+            # an inspect of it only once the start is done, so the listing would wait for it.
+            if (state in ALIVE_STATES or state == "created") and summary["Id"] not in ended_by_event:
                 out.append(
                     RuntimeTask(
                         task_id=task_id,
@@ -159,7 +183,7 @@ class DockerDriver:
                         spec_hash=container_labels.get(labels.SPEC_HASH, ""),
                         deployment=container_labels.get(labels.DEPLOYMENT, ""),
                         host_ports=_ports_from_summary(summary.get("Ports") or []),
-                        started_at=float(summary.get("Created") or 0) or None,
+                        started_at=(float(summary.get("Created") or 0) or None) if state != "created" else None,
                     )
                 )
                 continue
@@ -179,18 +203,35 @@ class DockerDriver:
             self._ended_by_event.add(container_id)
 
     # ---- starting ----------------------------------------------------------------------
-    # The low-level API throughout: one engine call each for create, start and inspect.  The
-    # engine is the bottleneck on a small host, so every call saved is a faster deploy.
+    # The low-level API throughout: one engine call each for create and start, and an
+    # inspect only when the engine chose something the agent must report.  The engine is the
+    # bottleneck on a small host, so every call saved is a faster deploy.
     def _start(self, task: TaskSpec) -> RuntimeTask:
         container_id, already_running = self._create(task)
-        if not already_running:
-            try:
-                self._client.api.start(container_id)
-            except APIError as exc:
-                # e.g. the host port is taken or the entrypoint does not exist
-                self._remove(container_id)
-                raise StartError(f"container for task {task.task_id} could not start: {_reason(exc)}") from exc
-        return _runtime_task(self._client.api.inspect_container(container_id))
+        if already_running:
+            return _runtime_task(self._client.api.inspect_container(container_id))
+        try:
+            self._client.api.start(container_id)
+        except APIError as exc:
+            # e.g. the host port is taken or the entrypoint does not exist
+            self._remove(container_id)
+            raise StartError(f"container for task {task.task_id} could not start: {_reason(exc)}") from exc
+        started_at = time.time()
+        if any(port.host_port is None for port in task.ports):
+            # A host port the engine picked is known only from the container.
+            return _runtime_task(self._client.api.inspect_container(container_id))
+        # Everything else reported for a started container is the spec's: its fixed host
+        # ports, and a start time that is the engine's answer to the start, as good as its
+        # own for a health check's start period.
+        return RuntimeTask(
+            task_id=task.task_id,
+            container_id=container_id,
+            state="running",
+            spec_hash=task.spec_hash,
+            deployment=task.deployment,
+            host_ports={f"{p.container_port}/{p.protocol}": p.host_port for p in task.ports if p.host_port is not None},
+            started_at=started_at,
+        )
 
     def _pull(self, image: str) -> None:
         try:
