@@ -291,3 +291,164 @@ def test_the_parser_reads_other_shapes_as_a_full_validation_does(body):
 def test_the_parser_refuses_what_a_full_validation_refuses(garbage):
     with pytest.raises(ValueError):
         HeartbeatParser().parse(garbage)
+
+
+# ---- health, restart and rollout fields: snapshot, change detection, desired_view -------------
+
+_PROBED = """
+apiVersion: comp/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  image: comp/busybox:test
+  resources: {cpu: 0.1, memory: 16Mi}
+  restart: {condition: on-failure}
+  health:
+    readiness: {http: {path: /, port: 80}}
+  ports: [{container_port: 80}]
+"""
+
+
+def probed_spec(task_id: str = "t1", generation: int = 3) -> TaskSpec:
+    from comp_scheduler.applier import task_spec
+    from comp_scheduler.model import Place
+
+    deployment = parse_deployments(_PROBED)[0]
+    record = DeploymentRecord(deployment=deployment, generation=generation, created_at=0, updated_at=0)
+    return task_spec(Place(task_id, "default.web", "n1", "test"), record, now=5.0)
+
+
+def test_the_task_spec_carries_health_restart_stop_and_generation_from_the_deployment():
+    spec = probed_spec()
+    assert spec.health.readiness is not None and spec.health.readiness.http.path == "/"
+    assert spec.restart.condition == "on-failure"
+    assert (spec.stop_signal, spec.stop_grace_seconds, spec.generation) == ("SIGTERM", 10.0, 3)
+
+
+def state_with(spec: TaskSpec) -> ClusterState:
+    state = ClusterState(grace_seconds=3)
+    state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec]), 1, now=0.0)
+    return state
+
+
+def status(**fields) -> TaskStatus:
+    return TaskStatus(task_id="t1", node_id="n1", deployment="default.web", **{"state": TaskState.RUNNING, **fields})
+
+
+def test_snapshot_takes_readiness_and_restart_from_the_spec_and_health_from_the_status():
+    state = state_with(probed_spec())
+    task = state.snapshot().tasks["t1"]
+    assert (task.readiness_check, task.restart, task.generation) == (True, "on-failure", 3)
+    assert (task.state, task.ready, task.ready_since, task.crash_loop, task.exit_code) == (TaskState.PENDING, False, None, False, None)
+
+    state.record_status(status(ready=True, ready_since=7.0))
+    task = state.snapshot().tasks["t1"]
+    assert (task.state, task.ready, task.ready_since) == (TaskState.RUNNING, True, 7.0) and task.serving
+
+
+@pytest.mark.parametrize(
+    "change, field, value",
+    [
+        ({"ready": True, "ready_since": 9.0}, "ready", True),
+        ({"ready": True, "ready_since": 9.0}, "ready_since", 9.0),
+        ({"crash_loop": True}, "crash_loop", True),
+        ({"state": TaskState.EXITED, "exit_code": 0}, "exit_code", 0),
+        ({"state": TaskState.EXITED, "exit_code": 0}, "state", TaskState.EXITED),
+    ],
+)
+def test_a_cached_snapshot_task_follows_every_health_field(change, field, value):
+    state = state_with(probed_spec())
+    state.record_status(status())
+    before = state.snapshot().tasks["t1"]  # cached from here on: the assignments value is unchanged
+    assert state.record_status(status(**change)) == "changed"
+    after = state.snapshot().tasks["t1"]
+    assert getattr(after, field) == value and after is not before
+    assert state.snapshot().tasks["t1"] is after, "unchanged again: reused"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ready": True},
+        {"ready_since": 3.0},
+        {"readiness": "healthy"},
+        {"liveness": "unhealthy"},
+        {"crash_loop": True},
+    ],
+)
+def test_a_health_change_alone_is_a_status_change(change):
+    state = state_with(probed_spec())
+    state.record_status(status())
+    state.take_touched()
+    assert state.record_status(status(**change)) == "changed"
+    assert state.take_touched() == {"default.web"}, "its summary is recounted and the flush writes it"
+    assert state.record_status(status(**change, updated_at=99.0)) == "ignored", "a newer time alone is no change"
+
+
+def test_a_heartbeat_reports_what_each_changed_status_replaced():
+    state = state_with(probed_spec())
+    state.record_heartbeat(beat("n1", [status()]), now=1.0)
+    before: dict = {}
+    _, changed, _ = state.record_heartbeat(beat("n1", [status(ready=True)]), now=2.0, before=before)
+    assert [s.ready for s in changed] == [True]
+    assert before["t1"].ready is False
+
+
+def web_record(generation: int = 2, promoted: int = 0) -> DeploymentRecord:
+    return DeploymentRecord(
+        deployment=parse_deployments(_PROBED)[0], generation=generation, promoted_generation=promoted, created_at=0, updated_at=0
+    )
+
+
+@pytest.mark.parametrize(
+    "promoted_generation, settled, seen, expect",
+    [
+        # (record.promoted_generation, state.settled, state.seen_healthy) -> (promoted, settled, seen_healthy)
+        (0, None, None, (False, True, frozenset())),  # nothing known: no rollout planned on a guess
+        (2, None, None, (True, True, frozenset())),
+        (1, (2, False), (2, frozenset({"a"})), (False, False, frozenset({"a"}))),
+        (0, (2, True), None, (False, True, frozenset())),
+        (0, (1, False), (1, frozenset({"a"})), (False, True, frozenset())),  # another generation's: not this one's
+    ],
+)
+def test_desired_view_flags(promoted_generation, settled, seen, expect):
+    state = ClusterState(grace_seconds=3)
+    state.desired["default.web"] = web_record(2, promoted_generation)
+    if settled is not None:
+        state.settled["default.web"] = settled
+    if seen is not None:
+        state.seen_healthy["default.web"] = seen
+    want = state.desired_view()["default.web"]
+    assert (want.promoted, want.settled, want.seen_healthy) == expect
+
+
+def test_seen_healthy_grows_within_a_generation_and_restarts_with_the_next():
+    state = ClusterState(grace_seconds=3)
+    state.remember_healthy("default.web", 2, ["a"])
+    state.remember_healthy("default.web", 2, ["b"])
+    assert state.seen_healthy["default.web"] == (2, frozenset({"a", "b"}))
+    state.remember_healthy("default.web", 3, [])
+    assert state.seen_healthy["default.web"] == (3, frozenset())
+
+
+def test_the_summary_shows_the_rollout_of_the_current_generation_only():
+    state = ClusterState(grace_seconds=3)
+    state.desired["default.web"] = web_record(2)
+    assert state.set_rollout_status("default.web", 2, "progressing", "generation 2: 0/1 new healthy")
+    assert not state.set_rollout_status("default.web", 2, "progressing", "generation 2: 0/1 new healthy")
+    [summary] = state.deployment_statuses(1.0)
+    assert (summary.generation, summary.rollout_state, summary.rollout_message) == (2, "progressing", "generation 2: 0/1 new healthy")
+    state.desired["default.web"] = web_record(3)
+    [summary] = state.deployment_statuses(1.0)
+    assert (summary.generation, summary.rollout_state) == (3, "")
+
+
+def test_rebalance_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("COMP_SCHEDULER__REBALANCE__MAX_MOVES", "9")
+    monkeypatch.setenv("COMP_SCHEDULER__REBALANCE__ENABLED", "false")
+    policy = SchedulerSettings().scheduler.rebalance.policy()
+    assert (policy.max_moves, policy.enabled, policy.margin) == (9, False, 2)
+    monkeypatch.setenv("COMP_SCHEDULER__REBALANCE__MARGIN", "1")
+    with pytest.raises(ValueError, match="margin"):
+        SchedulerSettings()

@@ -93,6 +93,9 @@ class TaskSpec(Message):
     restart: RestartPolicy = RestartPolicy()
     stop_signal: str = "SIGTERM"
     stop_grace_seconds: float = 10.0
+    # The deployment generation the task was created for (0: written before it was carried);
+    # rollout reasons name it, as which version an outdated task ran.
+    generation: int = 0
 
 
 class NodeAssignments(Message):

@@ -55,6 +55,11 @@ class DeploymentStatus(Message):
     running: int
     pending_reason: str = ""
     updated_at: float
+    # The deployment's generation and its rollout as the scheduler last planned it: state
+    # (a RolloutEvent state; "" before any) and the step's message.
+    generation: int = 0
+    rollout_state: str = ""
+    rollout_message: str = ""
 
 
 def connect(url: str) -> aioredis.Redis:

@@ -23,7 +23,41 @@ from nats.js.kv import KeyValue
 
 from . import subjects
 from .kv import ConflictError, get_model, open_bucket, put_model
-from .messages import RevisionRecord
+from .messages import DeploymentRecord, RevisionRecord
+
+
+def revision_of(record: DeploymentRecord) -> RevisionRecord:
+    """The revision a deployment record's generation is recorded as."""
+    return RevisionRecord(
+        deployment=record.deployment,
+        generation=record.generation,
+        applied_at=record.updated_at,
+        change_cause=record.change_cause,
+    )
+
+
+def returned_to(current: DeploymentRecord, target: RevisionRecord, change_cause: str, now: float) -> DeploymentRecord:
+    """``current`` going back to what ``target`` ran, as a new generation (undo, abort,
+    auto-revert).  The replica count and metadata stay as they are now, as `kubectl rollout
+    undo` restores only the template: a scale since then is not undone with the version."""
+    spec = target.deployment.spec.model_copy(update={"replicas": current.deployment.spec.replicas})
+    return current.model_copy(
+        update={
+            "deployment": current.deployment.model_copy(update={"spec": spec}),
+            "generation": current.generation + 1,
+            "updated_at": now,
+            "change_cause": change_cause,
+        }
+    )
+
+
+def last_healthy(history: list[RevisionRecord], before: int) -> RevisionRecord | None:
+    """The newest revision older than generation ``before`` that ran healthy: where a failed
+    rollout of ``before`` goes back to.  ``history`` oldest first, as :meth:`Revisions.list`."""
+    for record in reversed(history):
+        if record.generation < before and record.healthy_at is not None:
+            return record
+    return None
 
 
 async def open_revisions(broker: NatsBroker) -> "Revisions":

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from comp_common import subjects
 from comp_common.manifest import DNS_LABEL, errors_from_validation
 from comp_common.messages import DeploymentEvent, DeploymentRecord, RevisionRecord, RolloutEvent
+from comp_common.revisions import returned_to
 from comp_common.telemetry import current_trace_id
 
 from .backends import NATS, REDIS, Backends, DependencyUnavailable
@@ -213,9 +214,9 @@ async def _return_to(backends, namespace, name, action, choose, cause) -> Any:  
         target = choose(stored, await _history(backends, stored))
         chosen["revision"] = target.generation
         current = stored.deployment
-        spec = target.deployment.spec.model_copy(update={"replicas": current.spec.replicas})
-        deployment = current.model_copy(update={"spec": spec})
-        if spec.task_hash() == current.spec.task_hash():
+        record = returned_to(stored.record, target, cause(target.generation), time.time())
+        deployment = record.deployment
+        if deployment.spec.task_hash() == current.spec.task_hash():
             raise RolloutRefused(
                 f"revision {target.generation} of {_label(stored)} runs what generation {stored.record.generation} "
                 "runs already; there is nothing to go back to"
@@ -226,14 +227,7 @@ async def _return_to(backends, namespace, name, action, choose, cause) -> Any:  
         refusal = await _quota_refusal(backends, [deployment])
         if refusal:
             raise HTTPException(403, refusal)
-        return stored.record.model_copy(
-            update={
-                "deployment": deployment,
-                "generation": stored.record.generation + 1,
-                "updated_at": time.time(),
-                "change_cause": cause(target.generation),
-            }
-        )
+        return record
 
     async with backends.calling(NATS):
         before, after = await _change(store, namespace, name, build)

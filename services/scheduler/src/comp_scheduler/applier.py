@@ -60,6 +60,11 @@ def task_spec(place: Place, record: DeploymentRecord, now: float) -> TaskSpec:
         ports=list(spec.ports),
         labels=dict(deployment.metadata.labels),
         created_at=now,
+        health=spec.health,
+        restart=spec.restart,
+        stop_signal=spec.stop_signal,
+        stop_grace_seconds=spec.stop_grace_period,
+        generation=record.generation,
     )
 
 

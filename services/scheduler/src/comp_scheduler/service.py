@@ -25,6 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -33,24 +34,28 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from comp_common import subjects
-from comp_common.kv import get_model, list_keys, list_models, open_bucket
+from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model
 from comp_common.messages import (
     ControlEvent,
     DeploymentEvent,
     DeploymentRecord,
     Heartbeat,
     LeaderChange,
+    NamespaceRecord,
     NodeAssignments,
     NodeControl,
+    RolloutEvent,
     TaskState,
     TaskStatus,
 )
 from comp_common.observed import ObservedStore
+from comp_common.revisions import Revisions, last_healthy, open_revisions, returned_to, revision_of
 
 from .applier import Applier
 from .leader import RETOOK_OWN, ElectorThread, Identity
 from .model import Plan
 from .reconcile import reconcile
+from .rollout import RolloutState, RolloutStep
 from .settings import SchedulerSettings
 from .state import ClusterState
 
@@ -59,6 +64,12 @@ tracer = trace.get_tracer("comp.scheduler")
 # Reasons named in one round's span and log line; the rest are counted.
 _REASONS_SHOWN = 5
 _CATCH_UP_BOUND_SECONDS = 10.0
+# Revisions read at once when a resync or takeover refreshes which generations are settled.
+_REVISION_READS_IN_FLIGHT = 32
+# A wake-up round runs this long after the step's wake_at, so that the clock has passed it.
+_WAKE_SLACK_SECONDS = 0.05
+_ASK_TASKS = "tasks changed"
+_MOVED_ON = object()
 
 
 class Scheduler:
@@ -78,6 +89,7 @@ class Scheduler:
         seed = settings.scheduler.seed
         self.rng = random.Random(seed if seed is not None else random.SystemRandom().getrandbits(64))
         self.state = ClusterState(grace_seconds=settings.liveness.grace_seconds)
+        self.rebalance = settings.scheduler.rebalance.policy()
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         # What asked for the next round: (why, the asker's trace context or None).
@@ -103,6 +115,20 @@ class Scheduler:
         self._background: set[asyncio.Task] = set()
         # Nodes whose assignments could not be stamped with our epoch yet.
         self._unstamped: set[str] = set()
+        # Deployments a task status can move along (see _status_moves_rounds), as of the last round.
+        self._rolling: set[str] = set()
+        self._awaited: set[str] = set()
+        # The timer of the round at the earliest rollout step's wake_at.
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at: float | None = None
+        # Deployment -> the generation last acted on once: its revision marked healthy; its
+        # failure handled (reverted, or reported as failed where it cannot be).  Generations
+        # only grow, so one per deployment is all there is to remember.
+        self._marked: dict[str, int] = {}
+        self._failure_handled: dict[str, int] = {}
+        # A round for task changes is asked for (not yet taken by a round), and when the last was.
+        self._tasks_asked = False
+        self._tasks_round_at = 0.0
 
     # ---- leadership --------------------------------------------------------------------
     def acting_epoch(self) -> int | None:
@@ -218,6 +244,8 @@ class Scheduler:
         self.deployments_kv = await open_bucket(self.broker, subjects.DEPLOYMENTS_BUCKET)
         self.assignments_kv = await open_bucket(self.broker, subjects.ASSIGNMENTS_BUCKET)
         self.node_controls_kv = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)
+        self.namespaces_kv = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
+        self.revisions: Revisions = await open_revisions(self.broker)
         await open_bucket(self.broker, subjects.LEASES_BUCKET, history=1)  # created here, used by the elector
         self.applier = Applier(self.state, self.assignments_kv, self.broker, self.acting_epoch)
         await self._load_assignments()
@@ -255,6 +283,8 @@ class Scheduler:
         if self._background:  # the "stepped-down" announcement, on its way out
             await asyncio.wait(self._background, timeout=1.0)
         loops = self._loops + ([self._takeover] if self._takeover else []) + list(self._background)
+        if self._wake is not None:
+            self._wake.cancel()
         for loop in loops:
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
@@ -271,14 +301,21 @@ class Scheduler:
         if found is None:
             if self.state.desired.pop(key, None) is not None:
                 self._gone_deployments.add(key)
+            self._forget(key)
         else:
             self.state.desired[key] = found[0]
             self.state.touched.add(key)
+            await self._refresh_settled({key: found[0]})
         if self.leading:  # a standby only keeps its state current
             self.want_round(f"deployment {key} {event.action}", otel_context.get_current())
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
-        became_ready, changed, gone = self.state.record_heartbeat(hb, self.clock())
+        # What the changed statuses were before: a heartbeat repairs a missed event, and
+        # that event may have been one a round waits for.
+        before: dict[str, TaskStatus | None] = {}
+        became_ready, changed, gone = self.state.record_heartbeat(hb, self.clock(), before)
+        if changed and self.leading and any(self._status_moves_rounds(before.get(s.task_id), s) for s in changed):
+            self._ask_tasks()
         self._dirty_nodes.add(hb.node_id)
         self._dirty_tasks.update(s.task_id for s in changed)
         self._gone_tasks.update(gone)
@@ -290,16 +327,53 @@ class Scheduler:
             self.want_round("cluster changed")
 
     def on_task_status(self, status: TaskStatus) -> None:
+        before = self.state.statuses.get(status.task_id)
         outcome = self.state.record_status(status)
         if outcome == "changed":
             self._dirty_tasks.add(status.task_id)
             self._flush_wanted.set()
-            if status.state is TaskState.RUNNING and self.state.draining_nodes():
-                # A replacement runs: the task it stands in for on a draining node may go now.
-                self.want_round("cluster changed")
+            if self.leading and self._status_moves_rounds(before, status):
+                self._ask_tasks()
         elif outcome == "gone":
             self._gone_tasks.add(status.task_id)
             self._flush_wanted.set()
+
+    def _forget(self, key: str) -> None:
+        self.state.forget_deployment(key)
+        self._marked.pop(key, None)
+        self._failure_handled.pop(key, None)
+
+    def _status_moves_rounds(self, before: TaskStatus | None, after: TaskStatus) -> bool:
+        """Whether a round may now decide something it could not before: a task came up, its
+        readiness or crash loop flipped, or it failed; and its deployment is one such a change
+        moves along (a rollout, a rebalancing move or a drain waiting for it to run, or a
+        deployment waiting on it in start order).  Anything else waits for the next round
+        that runs anyway: a large deploy's tasks coming up one by one must not each cost a
+        round of every deployment."""
+        if before is not None and before.state is after.state and before.ready is after.ready and before.crash_loop is after.crash_loop:
+            return False
+        if after.state not in (TaskState.RUNNING, TaskState.FAILED, TaskState.EXITED):
+            return False
+        key = after.deployment
+        if key in self._rolling or key in self._awaited:
+            return True
+        want = self.state.desired.get(key)
+        if want is not None and self.state.assigned_count(key) > want.deployment.spec.replicas:
+            return True  # a rebalancing move or a replacement during a drain, completing
+        return bool(self.state.node_controls) and bool(self.state.draining_nodes())
+
+    def _ask_tasks(self) -> None:
+        """Ask for a round for task changes: once however many come before it runs, and no
+        sooner than ``task_round_seconds`` after the last such round, so that a rollout of
+        thousands of tasks coming up one by one costs a round per interval, not per task."""
+        if self._tasks_asked:
+            return
+        self._tasks_asked = True
+        delay = self._tasks_round_at + self.settings.scheduler.task_round_seconds - time.monotonic()
+        if delay <= 0:
+            self.want_round(_ASK_TASKS)
+        else:
+            asyncio.get_running_loop().call_later(delay, self.want_round, _ASK_TASKS)
 
     # ---- rounds ------------------------------------------------------------------------
     def want_round(self, why: str, context: otel_context.Context | None = None) -> None:
@@ -320,7 +394,14 @@ class Scheduler:
         # Built here, on the loop, and immutable: the thread reads nothing the loop changes.
         desired, observed = self.state.desired_view(), self.state.snapshot()
         plan = await asyncio.to_thread(
-            reconcile, desired, observed, now, self.rng, self.settings.scheduler.default_strategy
+            reconcile,
+            desired,
+            observed,
+            now,
+            self.rng,
+            self.settings.scheduler.default_strategy,
+            namespaces=MappingProxyType(dict(self.state.namespaces)),
+            rebalance=self.rebalance,
         )
         if self.acting_epoch() != epoch:
             return Plan()  # deposed while it was computed; the applier would refuse anyway
@@ -343,8 +424,191 @@ class Scheduler:
             )
         elif plan.pending:
             log.info("round: nothing placeable", extra={"why": why, "pending": plan.pending[0].reason})
+        self._awaited = self._awaited_by(reasons)
+        await self._act_on_rollouts(plan, now)
         self._flush_wanted.set()
         return plan
+
+    def _awaited_by(self, pending: dict[str, str]) -> set[str]:
+        """Deployments that a pending deployment's depends_on names: their tasks coming up may
+        release it."""
+        awaited = set()
+        for key in pending:
+            record = self.state.desired.get(key)
+            if record is not None and record.deployment.spec.depends_on:
+                namespace = record.deployment.metadata.namespace
+                awaited.update(subjects.deployment_key(namespace, d.name) for d in record.deployment.spec.depends_on)
+        return awaited
+
+    # ---- rollouts ------------------------------------------------------------------------
+    async def _act_on_rollouts(self, plan: Plan, now: float) -> None:
+        """Report each rollout step and act on its verdict: a completed generation's revision
+        is marked healthy, a failed one reverted (``auto_revert``) or reported; and a round
+        is set for the earliest moment a step changes by the clock alone."""
+        self._rolling = {key for key, _ in plan.rollouts}
+        started: dict[str, list[str]] = {}
+        for place in plan.places:
+            started.setdefault(place.deployment, []).append(place.task_id)
+        wake_at: float | None = None
+        for key, step in plan.rollouts:
+            record = self.state.desired.get(key)
+            if record is None:
+                continue
+            generation = record.generation
+            self.state.remember_healthy(key, generation, step.healthy)
+            if step.wake_at is not None and (wake_at is None or step.wake_at < wake_at):
+                wake_at = step.wake_at
+            try:
+                if step.state is RolloutState.FAILED:
+                    await self._on_failed(key, record, step, now)
+                    continue
+                if step.state is RolloutState.COMPLETE and self._marked.get(key) != generation:
+                    await self.revisions.mark_healthy(key, generation, now)
+                    self._marked[key] = generation
+                    self.state.settled[key] = (generation, True)
+                if self.state.set_rollout_status(key, generation, step.state.value, step.message):
+                    await self._publish_rollout(
+                        key, generation, step.state.value, step.message, now,
+                        started=started.get(key, []), stopped=[s.task_id for s in step.stops],
+                    )
+            except Exception:
+                log.exception("acting on a rollout step failed; the next round tries again", extra={"deployment": key})
+        self._set_wake(wake_at)
+
+    async def _on_failed(self, key: str, record: DeploymentRecord, step: RolloutStep, now: float) -> None:
+        generation = record.generation
+        if self._failure_handled.get(key) == generation:
+            return
+        reason = step.failed_tasks[0].reason if step.failed_tasks else step.message
+        reverted = None
+        if record.deployment.spec.update.auto_revert:
+            reverted = await self._revert(key, generation, f"auto-revert: {reason}", now)
+        self._failure_handled[key] = generation
+        if reverted is _MOVED_ON:
+            return  # applied, undone or reverted by someone else meanwhile: theirs stands
+        if reverted is None:
+            # Nothing to go back to, or not asked to: the failed version stays, frozen, for
+            # the user to act on (undo, abort, a new apply).
+            self.state.set_rollout_status(key, generation, "failed", step.message)
+            await self._publish_rollout(key, generation, "failed", step.message, now)
+            return
+        assert isinstance(reverted, tuple)
+        new, target = reverted
+        message = f"{step.message}; reverted to revision {target} as generation {new.generation}"
+        self.state.set_rollout_status(key, new.generation, "reverted", message)
+        await self._publish_rollout(key, new.generation, "reverted", message, now, from_generation=generation)
+
+    async def _revert(self, key: str, failed: int, cause: str, now: float) -> tuple[DeploymentRecord, int] | None | object:
+        """Make the newest revision before ``failed`` that ran healthy the desired one again,
+        as a new generation, written as the api writes a change (its revision first, then the
+        deployment by compare-and-set).  Returns (the new record, the revision returned to);
+        None when there is none to go to; ``_MOVED_ON`` when the deployment is no longer at
+        ``failed`` (a user's apply, or a revert by a leader before us, wins)."""
+        for _ in range(5):
+            found = await get_model(self.deployments_kv, key, DeploymentRecord)
+            if found is None or found[0].generation != failed:
+                return _MOVED_ON
+            current, revision = found
+            target = last_healthy(await self.revisions.list(key, up_to=failed), before=failed)
+            if target is None:
+                return None
+            new = returned_to(current, target, cause, now)
+            if new.deployment.spec.update.canary:
+                # The version returned to already ran healthy: no canary holds the way back.
+                new = new.model_copy(update={"promoted_generation": new.generation})
+            if new.deployment.spec.task_hash() == current.deployment.spec.task_hash():
+                return None
+            if not self.leading:
+                return None
+            await self.revisions.put(key, revision_of(new))
+            try:
+                new_revision = await put_model(self.deployments_kv, key, new, revision)
+            except ConflictError:
+                continue  # read again: if it is still the failed generation, try again
+            log.warning(
+                "rollout failed; reverted",
+                extra={"deployment": key, "generation": failed, "to_revision": target.generation, "cause": cause},
+            )
+            self.state.desired[key] = new
+            self.state.touched.add(key)
+            # The version returned to ran healthy, but this generation is a rollout of its own.
+            self.state.settled[key] = (new.generation, False)
+            namespace, name = new.deployment.metadata.namespace, new.deployment.metadata.name
+            event = DeploymentEvent(
+                action="applied", namespace=namespace, name=name, revision=new_revision, generation=new.generation
+            )
+            await self.broker.publish(event, subjects.deployment_event(namespace, name))
+            self.want_round(f"deployment {key} reverted")
+            return new, target.generation
+        return None
+
+    async def _publish_rollout(
+        self,
+        key: str,
+        generation: int,
+        state: str,
+        message: str,
+        now: float,
+        *,
+        started: list[str] | None = None,
+        stopped: list[str] | None = None,
+        from_generation: int | None = None,
+    ) -> None:
+        record = self.state.desired.get(key)
+        if record is None:
+            return
+        namespace, name = record.deployment.metadata.namespace, record.deployment.metadata.name
+        event = RolloutEvent(
+            deployment=key,
+            generation=generation,
+            from_generation=from_generation,
+            state=state,  # type: ignore[arg-type]
+            message=message,
+            started=started or [],
+            stopped=stopped or [],
+            at=now,
+        )
+        await self.broker.publish(event, subjects.rollout_event(namespace, name))
+
+    def _set_wake(self, wake_at: float | None) -> None:
+        """One timer, at the earliest wake_at of the last round: each round sets it anew."""
+        if wake_at == self._wake_at:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        self._wake_at = wake_at
+        if wake_at is not None:
+            delay = max(0.0, wake_at - self.clock()) + _WAKE_SLACK_SECONDS
+            self._wake = asyncio.get_running_loop().call_later(delay, self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._wake, self._wake_at = None, None
+        self.want_round("rollout step due")
+
+    async def _refresh_settled(self, records: dict[str, DeploymentRecord]) -> None:
+        """Read whether each deployment's generation ran healthy, where it is not known to
+        have (a settled generation stays settled, so a resync reads only rollouts in flight)."""
+        todo = [
+            (key, rec.generation)
+            for key, rec in records.items()
+            if self.state.settled.get(key) != (rec.generation, True)
+        ]
+        if not todo:
+            return
+        slots = asyncio.Semaphore(_REVISION_READS_IN_FLIGHT)
+
+        async def read(key: str, generation: int) -> None:
+            async with slots:
+                try:
+                    found = await self.revisions.get(key, generation)
+                except Exception as exc:
+                    log.warning("could not read a revision", extra={"deployment": key, "error": repr(exc)})
+                    return
+            # Without a record (applied before revisions were kept) there is no rollout to watch.
+            self.state.settled[key] = (generation, found is None or found.healthy_at is not None)
+
+        await asyncio.gather(*(read(key, generation) for key, generation in todo))
 
     async def _kicked_rounds(self) -> None:
         while True:
@@ -353,6 +617,9 @@ class Scheduler:
                 # Taken under the lock: whatever asks while a round runs is the next round's.
                 self._kick.clear()
                 wanted, self._wanted = self._wanted, []
+                if any(why == _ASK_TASKS for why, _ in wanted):
+                    self._tasks_asked = False
+                    self._tasks_round_at = time.monotonic()
                 if not self.leading:
                     continue
                 why, parent, links = _round_origin(wanted)
@@ -405,21 +672,38 @@ class Scheduler:
         controls = await list_models(self.node_controls_kv, NodeControl)
         self.state.node_controls = {node_id: control for node_id, (control, _) in controls.items()}
 
+    async def _load_namespaces(self) -> None:
+        records = await list_models(self.namespaces_kv, NamespaceRecord)
+        self.state.namespaces = {name: record for name, (record, _) in records.items()}
+
     async def on_control_event(self, event: ControlEvent) -> None:
-        if event.kind != "node":
+        if event.kind == "node":
+            await self._load_node_controls()
+        elif event.kind == "namespace":
+            # A raised quota may release pending replicas; a lowered one holds back new ones.
+            found = await get_model(self.namespaces_kv, event.name, NamespaceRecord)
+            if found is None:
+                self.state.namespaces.pop(event.name, None)
+            else:
+                self.state.namespaces[event.name] = found[0]
+        else:
             return
-        await self._load_node_controls()
         if self.leading:
-            self.want_round(f"node {event.name} {event.action}", otel_context.get_current())
+            self.want_round(f"{event.kind} {event.name} {event.action}", otel_context.get_current())
 
     async def _load_desired(self) -> None:
         await self._load_node_controls()
+        await self._load_namespaces()
         records = await list_models(self.deployments_kv, DeploymentRecord)
         fresh = {key: rec for key, (rec, _) in records.items()}
-        self._gone_deployments.update(set(self.state.desired) - set(fresh))
+        gone = set(self.state.desired) - set(fresh)
+        self._gone_deployments.update(gone)
+        for key in gone:
+            self._forget(key)
         old = self.state.desired
         self.state.touched.update(k for k, rec in fresh.items() if old.get(k) != rec)
         self.state.desired = fresh
+        await self._refresh_settled(fresh)
 
     # ---- liveness -------------------------------------------------------------------------
     async def _liveness_timer(self) -> None:

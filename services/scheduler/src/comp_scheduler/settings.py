@@ -2,9 +2,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from .model import RebalancePolicy
 
 from comp_common.settings import CommonSettings
+
+
+class RebalanceGroup(BaseModel):
+    """``COMP_SCHEDULER__REBALANCE__*``: how far each round goes to spread deployments back
+    out onto joined or recovered nodes (see :class:`RebalancePolicy`, whose defaults these are)."""
+
+    enabled: bool = True
+    max_moves: int = Field(default=4, ge=0)
+    max_moves_per_deployment: int = Field(default=1, ge=0)
+    # Below 2 a move could be undone by the next one.
+    margin: int = Field(default=2, ge=2)
+    start_timeout: float = Field(default=300.0, gt=0)
+
+    def policy(self) -> RebalancePolicy:
+        return RebalancePolicy(**self.model_dump())
 
 
 class SchedulerGroup(BaseModel):
@@ -24,6 +41,10 @@ class SchedulerGroup(BaseModel):
     renew_seconds: float | None = None
     # This instance's name in the lease record and logs (the host name by default).
     instance: str | None = None
+    # Rounds asked for by task statuses (a rollout or a rebalancing move waiting for tasks
+    # to come up or be ready) run at most this often.
+    task_round_seconds: float = Field(default=0.1, ge=0)
+    rebalance: RebalanceGroup = RebalanceGroup()
 
 
 class SchedulerSettings(CommonSettings):

@@ -9,7 +9,16 @@ from types import MappingProxyType
 
 from pydantic import TypeAdapter
 
-from comp_common.messages import NodeControl, DeploymentRecord, Heartbeat, NodeAssignments, TaskSpec, TaskState, TaskStatus
+from comp_common.messages import (
+    DeploymentRecord,
+    Heartbeat,
+    NamespaceRecord,
+    NodeAssignments,
+    NodeControl,
+    TaskSpec,
+    TaskState,
+    TaskStatus,
+)
 from comp_common.observed import DeploymentStatus, NodeRecord
 
 from .model import Desired, Node, NodeStatus, Observed, Taint, Task
@@ -36,6 +45,17 @@ class ClusterState:
     pending_reasons: dict[str, str] = field(default_factory=dict)
     # What operators asked of nodes (cordon, drain), from the node-controls bucket.
     node_controls: dict[str, NodeControl] = field(default_factory=dict)
+    # Namespace name -> its record (quota), from the namespaces bucket.
+    namespaces: dict[str, NamespaceRecord] = field(default_factory=dict)
+    # Deployment -> (generation, whether that generation's revision ran healthy, or has no
+    # revision record).  Read from the revisions bucket on deployment events and resyncs,
+    # never per round; a generation once settled stays so (healthy_at is never unset).
+    settled: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    # Deployment -> (generation, task ids a rollout step of that generation counted healthy).
+    seen_healthy: dict[str, tuple[int, frozenset[str]]] = field(default_factory=dict)
+    # Deployment -> (generation, rollout state, message) as last planned or acted on: shown
+    # in the deployment's summary.
+    rollout_status: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     # Deployments whose summary may differ from the one last taken by deployment_statuses().
     touched: set[str] = field(default_factory=set)
     # deployment -> its assigned task ids, kept with ``assignments`` (set_assignments) so
@@ -106,8 +126,11 @@ class ClusterState:
             if task_id not in assigned and task_id not in self.stopping:
                 self.stopping[task_id] = status.node_id
 
-    def record_heartbeat(self, hb: Heartbeat, now: float) -> tuple[bool, list[TaskStatus], list[str]]:
-        """Returns (node became ready, statuses that changed, stopping tasks now gone)."""
+    def record_heartbeat(
+        self, hb: Heartbeat, now: float, before: dict[str, TaskStatus | None] | None = None
+    ) -> tuple[bool, list[TaskStatus], list[str]]:
+        """Returns (node became ready, statuses that changed, stopping tasks now gone); with
+        ``before``, fills it with what each changed status replaced (None: there was none)."""
         entry = self.node_entry(hb.node_id, now)
         was_ready = entry.status is NodeStatus.READY
         entry.record = NodeRecord.from_heartbeat(hb, now)
@@ -117,8 +140,12 @@ class ClusterState:
         assigned = self.assigned_ids(hb.node_id)
         changed = []
         for status in hb.tasks:
-            if status.task_id in assigned and self._update_status(status):
-                changed.append(status)
+            if status.task_id in assigned:
+                old = self.statuses.get(status.task_id)
+                if self._update_status(status):
+                    changed.append(status)
+                    if before is not None:
+                        before[status.task_id] = old
         gone = []
         if self.stopping:
             reported = {s.task_id for s in hb.tasks}
@@ -219,20 +246,55 @@ class ClusterState:
     def assigned_ids(self, node_id: str) -> frozenset[str]:
         return self._ids_of.get(node_id, frozenset())
 
+    def assigned_count(self, deployment: str) -> int:
+        return len(self._assigned.get(deployment, ()))
+
     def draining_nodes(self) -> set[str]:
         return {node_id for node_id, control in self.node_controls.items() if control.draining}
 
     def desired_view(self) -> dict[str, Desired]:
-        return {
-            key: Desired(
-                key=key,
-                name=rec.deployment.metadata.name,
-                spec=rec.deployment.spec,
-                spec_hash=rec.deployment.spec.task_hash(),
-                generation=rec.generation,
-            )
-            for key, rec in self.desired.items()
-        }
+        return {key: self._desired_of(key, rec) for key, rec in self.desired.items()}
+
+    def _desired_of(self, key: str, rec: DeploymentRecord) -> Desired:
+        generation = rec.generation
+        settled = self.settled.get(key)
+        seen = self.seen_healthy.get(key)
+        return Desired(
+            key=key,
+            name=rec.deployment.metadata.name,
+            spec=rec.deployment.spec,
+            spec_hash=rec.deployment.spec.task_hash(),
+            generation=generation,
+            promoted=rec.promoted_generation == generation,
+            # Not known (its revision could not be read yet): as if it had no record, so no
+            # rollout step is planned on a guess; the next refresh says.
+            settled=settled[1] if settled is not None and settled[0] == generation else True,
+            seen_healthy=seen[1] if seen is not None and seen[0] == generation else frozenset(),
+        )
+
+    def remember_healthy(self, key: str, generation: int, healthy: Iterable[str]) -> None:
+        """Add a rollout step's healthy tasks to what its generation has seen healthy; another
+        generation's memory goes."""
+        seen = self.seen_healthy.get(key)
+        known = seen[1] if seen is not None and seen[0] == generation else frozenset()
+        ids = known.union(healthy)
+        if seen is None or seen[0] != generation or ids != known:
+            self.seen_healthy[key] = (generation, ids)
+
+    def set_rollout_status(self, key: str, generation: int, state: str, message: str) -> bool:
+        """True when it changed (the deployment's summary is then touched)."""
+        value = (generation, state, message)
+        if self.rollout_status.get(key) == value:
+            return False
+        self.rollout_status[key] = value
+        self.touched.add(key)
+        return True
+
+    def forget_deployment(self, key: str) -> None:
+        """Drop what is kept about a deployment beside its record, once it is deleted."""
+        self.settled.pop(key, None)
+        self.seen_healthy.pop(key, None)
+        self.rollout_status.pop(key, None)
 
     def snapshot(self) -> Observed:
         nodes = {}
@@ -258,9 +320,17 @@ class ClusterState:
                 built = cached[1]
                 for task_id, task in built.items():
                     status = statuses.get(task_id)
-                    state = status.state if status else TaskState.PENDING
-                    if task.state is not state:
-                        task = built[task_id] = replace(task, state=state)
+                    if status is None:
+                        if task.state is not TaskState.PENDING or task.ready or task.crash_loop:
+                            task = built[task_id] = replace(task, **_NO_STATUS)
+                    elif (
+                        task.state is not status.state
+                        or task.ready is not status.ready
+                        or task.ready_since != status.ready_since
+                        or task.crash_loop is not status.crash_loop
+                        or task.exit_code != status.exit_code
+                    ):
+                        task = built[task_id] = replace(task, **_observed_fields(status))
                     tasks[task_id] = task
                 continue
             built = {}
@@ -275,7 +345,10 @@ class ClusterState:
                     memory=spec.memory,
                     host_ports=frozenset((p.host_port, p.protocol) for p in spec.ports if p.host_port),
                     created_at=spec.created_at,
-                    state=status.state if status else TaskState.PENDING,
+                    readiness_check=spec.health.readiness is not None,
+                    restart=spec.restart.condition,
+                    generation=spec.generation,
+                    **(_observed_fields(status) if status is not None else _NO_STATUS),
                 )
             self._tasks_of[node_id] = (value, built)
         for node_id in [n for n in self._tasks_of if n not in self.assignments]:
@@ -295,14 +368,20 @@ class ClusterState:
                 status = statuses.get(task_id)
                 if status is not None and status.state is TaskState.RUNNING:
                     running += 1
+            record = self.desired[key]
+            rollout = self.rollout_status.get(key)
+            shown = rollout is not None and rollout[0] == record.generation
             out.append(
                 DeploymentStatus(
                     deployment=key,
-                    desired=self.desired[key].deployment.spec.replicas,
+                    desired=record.deployment.spec.replicas,
                     placed=len(assigned),
                     running=running,
                     pending_reason=self.pending_reasons.get(key, ""),
                     updated_at=now,
+                    generation=record.generation,
+                    rollout_state=rollout[1] if shown else "",
+                    rollout_message=rollout[2] if shown else "",
                 )
             )
         return out
@@ -352,7 +431,26 @@ class HeartbeatParser:
 
 
 def _status_key(s: TaskStatus) -> tuple:
-    return (s.state, s.node_id, s.deployment, s.message, s.container_id, s.restarts, s.exit_code, s.host_ports)
+    # Health is part of it: a readiness flip moves rollouts and start order, and must reach
+    # Redis and the rounds like a state change does.
+    return (
+        s.state, s.node_id, s.deployment, s.message, s.container_id, s.restarts, s.exit_code, s.host_ports,
+        s.ready, s.ready_since, s.readiness, s.liveness, s.crash_loop,
+    )
+
+
+# The Task fields a TaskStatus decides, for a task no status has been heard of yet.
+_NO_STATUS = {"state": TaskState.PENDING, "ready": False, "ready_since": None, "crash_loop": False, "exit_code": None}
+
+
+def _observed_fields(status: TaskStatus) -> dict:
+    return {
+        "state": status.state,
+        "ready": status.ready,
+        "ready_since": status.ready_since,
+        "crash_loop": status.crash_loop,
+        "exit_code": status.exit_code,
+    }
 
 
 def _pending(spec: TaskSpec, node_id: str, now: float) -> TaskStatus:
