@@ -116,5 +116,13 @@ async def test_an_apply_rolls_out_on_hollow_agents_and_marks_the_revision_health
             wait_until, lambda: sorted(t["state"] for t in tasks(api)) == ["running"] * 4, 30, "4 tasks, all running"
         )
         assert watch.fewest is not None and watch.fewest >= 3, f"running dipped to {watch.fewest} (min 3)"
+        # What `comp describe deployment` shows: the scheduler's summary, through the API.
+        state = await asyncio.to_thread(
+            wait_until,
+            lambda: (s := httpx.get(f"{api}/v1/deployments/default/web", timeout=5).json()["status"])
+            and s["rollout_state"] == "complete" and s,
+            30, "the deployment view shows the completed rollout",
+        )
+        assert state["rollout_generation"] == 2 and "all 4 replicas healthy" in state["rollout_message"]
     finally:
         await nc.close()

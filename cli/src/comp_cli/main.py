@@ -215,6 +215,9 @@ def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
     ]
     if st.get("pending_reason"):
         lines.append(f"Pending:     {st['pending_reason']}")
+    if st.get("rollout_state"):
+        message = f": {st['rollout_message']}" if st.get("rollout_message") else ""
+        lines.append(f"Rollout:     generation {st['rollout_generation']} {st['rollout_state']}{message}")
     response = c.request("GET", f"/v1/deployments/{namespace}/{name}/placement")
     if response.status_code == 200:
         placement = response.json()

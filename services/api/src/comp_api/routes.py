@@ -283,7 +283,10 @@ async def _deployment_states(backends: Backends) -> dict[str, DeploymentState] |
         log.warning("showing deployments without status: %s", exc)
         return None
     return {
-        key: DeploymentState(desired=s.desired, placed=s.placed, running=s.running, pending_reason=s.pending_reason)
+        key: DeploymentState(
+            desired=s.desired, placed=s.placed, running=s.running, pending_reason=s.pending_reason,
+            rollout_generation=s.generation, rollout_state=s.rollout_state, rollout_message=s.rollout_message,
+        )
         for key, s in statuses.items()
     }
 

@@ -44,6 +44,11 @@ class DeploymentState(BaseModel):
     placed: int = 0
     running: int = 0
     pending_reason: str = ""
+    # The rollout of the generation the scheduler last planned for: progressing, paused,
+    # complete, failed, reverted ("" before any), with the step's message.
+    rollout_generation: int = 0
+    rollout_state: str = ""
+    rollout_message: str = ""
 
 
 class DeploymentView(BaseModel):
