@@ -317,13 +317,18 @@ async def test_get_and_list_deployments_with_status(api: Api) -> None:
     assert view["manifest"]["spec"]["resources"] == {"cpu": 0.25, "memory": 64 * 1024**2}
     assert view["manifest"]["spec"]["env"] == {"PORT": "8080"}
     assert view["created_at"] == view["updated_at"] > 0
-    assert view["status"] == {"desired": 0, "placed": 0, "running": 0, "pending_reason": ""}
+    nothing_yet = {"rollout_generation": 0, "rollout_state": "", "rollout_message": ""}
+    assert view["status"] == {"desired": 0, "placed": 0, "running": 0, "pending_reason": "", **nothing_yet}
 
     await api.observed.put_deployment_statuses(
-        [DeploymentStatus(deployment="shop.web", desired=2, placed=1, running=1, pending_reason="no node has 64Mi free", updated_at=time.time())]
+        [DeploymentStatus(deployment="shop.web", desired=2, placed=1, running=1, pending_reason="no node has 64Mi free",
+                          generation=1, rollout_state="progressing", rollout_message="1/2 replicas healthy", updated_at=time.time())]
     )
     view = (await api.http.get("/v1/deployments/shop/web")).json()
-    assert view["status"] == {"desired": 2, "placed": 1, "running": 1, "pending_reason": "no node has 64Mi free"}
+    assert view["status"] == {
+        "desired": 2, "placed": 1, "running": 1, "pending_reason": "no node has 64Mi free",
+        "rollout_generation": 1, "rollout_state": "progressing", "rollout_message": "1/2 replicas healthy",
+    }
 
     everything = (await api.http.get("/v1/deployments")).json()
     assert [(d["namespace"], d["name"]) for d in everything] == [("blog", "web"), ("shop", "web")]
