@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import nats
 import pytest
 from faststream import TestApp
 from faststream.nats import NatsBroker
+from waiting import eventually
 
 from comp_common import subjects
 from comp_common.kv import get_model, open_bucket, put_model
@@ -59,16 +61,7 @@ spec:
 """
 
 
-async def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = partial(eventually, timeout=30.0)
 
 
 @dataclass

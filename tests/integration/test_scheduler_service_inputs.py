@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from functools import partial
 
 import nats
 import pytest
 from faststream import TestApp
 from faststream.nats import NatsBroker
+from waiting import eventually
 
 from comp_common import subjects
 from comp_common.kv import list_models, open_bucket, put_model
@@ -30,16 +32,7 @@ spec: {replicas: 1, image: "comp/busybox:test", resources: {cpu: 0.1, memory: 16
 GRACE = 1.0
 
 
-async def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = partial(eventually, timeout=15.0)
 
 
 class Beater:
