@@ -85,6 +85,7 @@ def test_returned_to_takes_the_revision_spec_but_keeps_replicas_and_metadata():
     assert (new.generation, new.change_cause, new.updated_at) == (3, "auto-revert: t1 is crash-looping", 9.0)
     assert (new.deployment.spec.image, new.deployment.spec.replicas) == ("web:v1", 5)
     assert new.deployment.metadata == current.deployment.metadata
+    assert new.promoted_generation == 3, "a version returned to is not held by a canary"
     assert revision_of(new).generation == 3 and revision_of(new).change_cause == new.change_cause
 
 

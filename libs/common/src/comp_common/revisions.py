@@ -39,14 +39,20 @@ def revision_of(record: DeploymentRecord) -> RevisionRecord:
 def returned_to(current: DeploymentRecord, target: RevisionRecord, change_cause: str, now: float) -> DeploymentRecord:
     """``current`` going back to what ``target`` ran, as a new generation (undo, abort,
     auto-revert).  The replica count and metadata stay as they are now, as `kubectl rollout
-    undo` restores only the template: a scale since then is not undone with the version."""
+    undo` restores only the template: a scale since then is not undone with the version.
+
+    The new generation is promoted at once: a version being returned to has run before,
+    and a canary in its update policy must not hold the way back (an abort would pause).
+    """
     spec = target.deployment.spec.model_copy(update={"replicas": current.deployment.spec.replicas})
+    generation = current.generation + 1
     return current.model_copy(
         update={
             "deployment": current.deployment.model_copy(update={"spec": spec}),
-            "generation": current.generation + 1,
+            "generation": generation,
             "updated_at": now,
             "change_cause": change_cause,
+            "promoted_generation": generation,
         }
     )
 

@@ -513,9 +513,6 @@ class Scheduler:
             if target is None:
                 return None
             new = returned_to(current, target, cause, now)
-            if new.deployment.spec.update.canary:
-                # The version returned to already ran healthy: no canary holds the way back.
-                new = new.model_copy(update={"promoted_generation": new.generation})
             if new.deployment.spec.task_hash() == current.deployment.spec.task_hash():
                 return None
             if not self.leading:
