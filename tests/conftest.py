@@ -11,7 +11,7 @@ import docker
 import pytest
 
 from comp_cli.images import import_busybox
-from comp_cli.local import _bin, free_port, remove_cluster_containers, wait_for_port
+from comp_cli.local import ClusterConfig, LocalCluster, _bin, free_port, remove_cluster_containers, wait_for_port
 
 TEST_IMAGE = "comp/busybox:test"
 
@@ -80,3 +80,14 @@ def cluster_name() -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:8]}"
     yield name
     remove_cluster_containers(name)
+
+
+@pytest.fixture
+def one_node_cluster(tmp_path: Path, docker_client: docker.DockerClient, busybox_image: str) -> Iterator[LocalCluster]:
+    """Every COMP process on one docker node, on free ports; its workloads purged afterwards."""
+    local = LocalCluster(ClusterConfig.private(tmp_path / "cluster", "one", nodes=1))
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop(purge_workloads=True)

@@ -5,14 +5,13 @@ container's VERSION environment variable, as the engine reports it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
+from httpd_web import httpd_web
 from waiting import wait_until
 
-from comp_cli.local import ClusterConfig, LocalCluster
+from comp_cli.local import LocalCluster
 from comp_common import labels
 
 pytestmark = pytest.mark.docker
@@ -21,35 +20,12 @@ REPLICAS = 3
 
 
 def manifest(image: str, version: int, canary: int = 0) -> str:
-    return f"""
-apiVersion: comp/v1
-kind: Deployment
-metadata: {{name: web}}
-spec:
-  replicas: {REPLICAS}
-  image: {image}
-  command: ["sh", "-c", "mkdir -p /www && echo ok > /www/ready.html && exec httpd -f -p 80 -h /www"]
-  env: {{VERSION: "{version}"}}
-  resources: {{cpu: 0.05, memory: 16Mi}}
-  ports: [{{container_port: 80, name: http}}]
-  stop_grace_period: 1s
-  health:
-    readiness: {{http: {{path: /ready.html, port: http}}, interval: 0.5s, failure_threshold: 1}}
-  update: {{max_surge: 1, max_unavailable: 0, canary: {canary}}}
-"""
+    return httpd_web(image, replicas=REPLICAS, env=f'{{VERSION: "{version}"}}',
+                     update=f"{{max_surge: 1, max_unavailable: 0, canary: {canary}}}")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, docker_client, busybox_image) -> Iterator[LocalCluster]:
-    local = LocalCluster(ClusterConfig.private(tmp_path, "canary", nodes=1))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop(purge_workloads=True)
-
-
-async def test_canary_promote_abort_and_undo(cluster: LocalCluster, docker_client, busybox_image: str) -> None:
+async def test_canary_promote_abort_and_undo(one_node_cluster: LocalCluster, docker_client, busybox_image: str) -> None:
+    cluster = one_node_cluster
     api = cluster.config.api_url
 
     def versions() -> list[str]:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import nats
 import pytest
+from httpd_web import httpd_web
 from waiting import wait_until
 
-from comp_cli.local import ClusterConfig, LocalCluster
+from comp_cli.local import LocalCluster
 from comp_common import subjects
 
 pytestmark = pytest.mark.docker
@@ -23,35 +22,12 @@ REPLICAS, SURGE = 4, 1
 
 
 def manifest(image: str, version: int) -> str:
-    return f"""
-apiVersion: comp/v1
-kind: Deployment
-metadata: {{name: web}}
-spec:
-  replicas: {REPLICAS}
-  image: {image}
-  command: ["sh", "-c", "mkdir -p /www && echo ok > /www/ready.html && exec httpd -f -p 80 -h /www"]
-  env: {{VERSION: "{version}"}}
-  resources: {{cpu: 0.05, memory: 16Mi}}
-  ports: [{{container_port: 80, name: http}}]
-  stop_grace_period: 1s
-  health:
-    readiness: {{http: {{path: /ready.html, port: http}}, interval: 0.5s, failure_threshold: 1}}
-  update: {{max_surge: {SURGE}, max_unavailable: 0}}
-"""
+    return httpd_web(image, replicas=REPLICAS, env=f'{{VERSION: "{version}"}}',
+                     update=f"{{max_surge: {SURGE}, max_unavailable: 0}}")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, docker_client, busybox_image) -> Iterator[LocalCluster]:
-    local = LocalCluster(ClusterConfig.private(tmp_path, "bounds", nodes=1))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop(purge_workloads=True)
-
-
-async def test_a_healthy_rollout_stays_within_surge_and_unavailability(cluster: LocalCluster, busybox_image: str) -> None:
+async def test_a_healthy_rollout_stays_within_surge_and_unavailability(one_node_cluster: LocalCluster, busybox_image: str) -> None:
+    cluster = one_node_cluster
     api = cluster.config.api_url
     ready: set[str] = set()
     fewest_ready: list[int] = []

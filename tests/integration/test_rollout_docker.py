@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import nats
 import pytest
+from httpd_web import httpd_web
 from waiting import wait_until
 
-from comp_cli.local import ClusterConfig, LocalCluster
+from comp_cli.local import LocalCluster
 from comp_common import subjects
 
 pytestmark = pytest.mark.docker
@@ -24,32 +23,8 @@ REPLICAS = 2
 
 
 def manifest(image: str, ready_page: str) -> str:
-    return f"""
-apiVersion: comp/v1
-kind: Deployment
-metadata: {{name: web}}
-spec:
-  replicas: {REPLICAS}
-  image: {image}
-  command: ["sh", "-c", "mkdir -p /www && echo ready > /www/ready.html && exec httpd -f -p 80 -h /www"]
-  resources: {{cpu: 0.05, memory: 16Mi}}
-  ports: [{{container_port: 80, name: http}}]
-  stop_grace_period: 1s
-  health:
-    readiness: {{http: {{path: {ready_page}, port: http}}, interval: 0.5s, failure_threshold: 1}}
-  update: {{max_surge: 1, max_unavailable: 0, healthy_deadline: 5s}}
-"""
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, docker_client, busybox_image) -> Iterator[LocalCluster]:
-    config = ClusterConfig.private(tmp_path, "revert", nodes=1)
-    local = LocalCluster(config)
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop(purge_workloads=True)
+    return httpd_web(image, replicas=REPLICAS, ready_page=ready_page,
+                     update="{max_surge: 1, max_unavailable: 0, healthy_deadline: 5s}")
 
 
 def apply(api: str, text: str) -> None:
@@ -87,8 +62,9 @@ class ReadyWatch:
 
 
 async def test_a_version_that_never_gets_ready_is_reverted_and_the_old_one_serves_throughout(
-    cluster: LocalCluster, busybox_image: str
+    one_node_cluster: LocalCluster, busybox_image: str
 ) -> None:
+    cluster = one_node_cluster
     api = cluster.config.api_url
     nc = await nats.connect(cluster.config.nats_url)
     watch = ReadyWatch()

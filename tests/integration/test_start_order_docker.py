@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import nats
 import pytest
 from waiting import wait_until
 
-from comp_cli.local import ClusterConfig, LocalCluster
+from comp_cli.local import LocalCluster
 from comp_common import subjects
 
 pytestmark = pytest.mark.docker
@@ -47,17 +45,8 @@ spec:
 """
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, docker_client, busybox_image) -> Iterator[LocalCluster]:
-    local = LocalCluster(ClusterConfig.private(tmp_path, "order", nodes=1))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop(purge_workloads=True)
-
-
-async def test_web_starts_only_after_db_is_healthy(cluster: LocalCluster, busybox_image: str) -> None:
+async def test_web_starts_only_after_db_is_healthy(one_node_cluster: LocalCluster, busybox_image: str) -> None:
+    cluster = one_node_cluster
     api = cluster.config.api_url
     seen: list[dict] = []  # every task status of either deployment, in delivery order
 
