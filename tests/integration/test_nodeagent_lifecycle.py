@@ -106,9 +106,14 @@ async def test_container_gets_the_stop_signal_and_grace(
     live: LiveAgent, busybox_image: str, docker_client: docker.DockerClient
 ) -> None:
     # Ends cleanly on SIGUSR1 only: a stop that sent SIGTERM would take the whole grace.
-    polite = "trap 'exit 0' USR1; trap '' TERM; while :; do sleep 0.1; done"
+    polite = "trap 'exit 0' USR1; trap '' TERM; touch /trapped; while :; do sleep 0.1; done"
     await live.assign(task("polite-1", busybox_image, polite, stop_signal="SIGUSR1", stop_grace_seconds=20))
     running = await eventually(lambda: live.latest("polite-1", TaskState.RUNNING), "polite-1 running", WAIT)
+    # As PID 1 the shell ignores a signal it has no trap for yet: stop only once it has one.
+    await eventually(
+        lambda: docker_client.containers.get(running.container_id).exec_run(["test", "-f", "/trapped"]).exit_code == 0,
+        "polite-1's traps set", WAIT,
+    )
     config = docker_client.api.inspect_container(running.container_id)["Config"]
     assert (config["StopSignal"], config["StopTimeout"]) == ("SIGUSR1", 20)
 
