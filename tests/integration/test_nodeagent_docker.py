@@ -93,6 +93,10 @@ class Observer:
         self.statuses: list[TaskStatus] = []
         self.heartbeats: list[Heartbeat] = []
 
+    def last_full(self) -> Heartbeat | None:
+        """The latest heartbeat that lists every task (the others list only changes)."""
+        return next((hb for hb in reversed(self.heartbeats) if hb.full), None)
+
     async def subscribe(self, nc: NatsClient, node_id: str) -> None:
         async def on_status(msg: Any) -> None:
             self.statuses.append(TaskStatus.model_validate_json(msg.data))
@@ -245,8 +249,8 @@ async def test_runs_assigned_tasks_with_labels_limits_and_ports(
     assert "COMP busybox" in body
 
     def full_heartbeat() -> Heartbeat | None:
-        hb = observer.heartbeats[-1]
-        states = {s.task_id: s.state for s in hb.tasks}
+        hb = observer.last_full()
+        states = {s.task_id: s.state for s in hb.tasks} if hb else {}
         return hb if states == {"web-1": TaskState.RUNNING, "worker-1": TaskState.RUNNING} else None
 
     heartbeat = await eventually(full_heartbeat, "a heartbeat listing both tasks running")
@@ -323,7 +327,7 @@ async def test_unassigned_task_is_stopped_and_removed(
     assert [c["Id"] for c in cluster.containers(docker_client)] == [kept.container_id]
     assert observer.history("keep-1") == [TaskState.STARTING, TaskState.RUNNING]
     await eventually(
-        lambda: [s.task_id for s in observer.heartbeats[-1].tasks] == ["keep-1"], "a heartbeat without drop-1"
+        lambda: (hb := observer.last_full()) and [s.task_id for s in hb.tasks] == ["keep-1"], "a full heartbeat without drop-1"
     )
     assert observer.heartbeats[-1].allocated.cpu == pytest.approx(0.5)
 
@@ -352,8 +356,8 @@ async def test_restarted_agent_adopts_running_containers(
     cluster.start_agent()
 
     def adopted_heartbeat() -> Heartbeat | None:
-        hb = observer.heartbeats[-1]
-        if hb.started_at == old_started_at:
+        hb = observer.last_full()
+        if hb is None or hb.started_at == old_started_at:
             return None
         states = {s.task_id: s.state for s in hb.tasks}
         return hb if states == {"web-1": TaskState.RUNNING, "worker-1": TaskState.RUNNING} else None

@@ -195,6 +195,27 @@ async def test_starts_assigned_tasks_and_reports_them(harness: Harness) -> None:
     assert heartbeats and isinstance(heartbeats[0], Heartbeat)
 
 
+async def test_every_nth_heartbeat_is_full_and_the_others_carry_only_changes() -> None:
+    harness = Harness(full_heartbeat_every=4)
+    harness.assign("a", "b")
+    await harness.agent.start()  # its loop sends heartbeat 1 (full), then waits an hour
+    await eventually(lambda: harness.status("a", TaskState.RUNNING) and harness.status("b", TaskState.RUNNING), "both running")
+    agent = harness.agent
+    first = [m for s, m in harness.published if s == subjects.node_heartbeat(NODE)]
+    assert len(first) == 1 and first[0].full
+    agent.heartbeat()  # 2: whatever changed after the first
+    beats = [agent.heartbeat()]  # 3: nothing changed since
+    harness.driver.crash("a", 1)
+    await eventually(lambda: [s for s, _ in harness.history("a")][-2:] == [TaskState.STARTING, TaskState.RUNNING]
+                     and len(harness.history("a")) > 2, "a restarted")
+    beats.append(agent.heartbeat())  # 4: a changed
+    beats.append(agent.heartbeat())  # 5: full again
+    assert [b.full for b in beats] == [False, False, True]
+    assert [sorted(s.task_id for s in b.tasks) for b in beats] == [[], ["a"], ["a", "b"]]
+    assert beats[1].tasks[0] == agent.statuses["a"], "the change as it stands now"
+    await agent.stop()
+
+
 async def test_a_pass_never_waits_for_a_slow_start(harness: Harness) -> None:
     harness.driver.gates["slow"] = asyncio.Event()
     harness.assign("slow", "fast")

@@ -122,6 +122,61 @@ def test_a_node_known_only_from_assignments_goes_down_a_grace_after_it_was_learn
 # ---- statuses: updated_at alone is no change -------------------------------------------------------
 
 
+def pinged(node_id: str) -> Heartbeat:
+    return beat(node_id).model_copy(update={"answers_pings": True})
+
+
+@pytest.mark.parametrize(
+    "beats, check_at, due",
+    [
+        # (node, heartbeat times), when due_for_ping runs, who is due (ping after 1.5)
+        ({"a": [0.0]}, 1.4, []),
+        ({"a": [0.0]}, 1.6, ["a"]),
+        ({"a": [0.0, 1.0]}, 1.6, []),
+        ({"a": [0.0, 1.0]}, 2.6, ["a"]),
+        ({"a": [0.0], "b": [1.0]}, 2.0, ["a"]),
+        ({"a": [0.0], "b": [1.0]}, 2.6, ["a", "b"]),
+    ],
+)
+def test_a_node_that_answers_pings_is_due_for_one_when_a_heartbeat_is_late(beats, check_at, due):
+    state = ClusterState(grace_seconds=3, ping_after_seconds=1.5)
+    for at, node_id in sorted((t, n) for n, times in beats.items() for t in times):
+        state.record_heartbeat(pinged(node_id), now=at)
+    assert sorted(state.due_for_ping(check_at)) == due
+    assert not set(state.due_for_ping(check_at + 5)) & set(due), "one ping per silence"
+
+
+def test_pings_follow_heartbeats_and_only_nodes_that_answer_them_are_pinged():
+    state = ClusterState(grace_seconds=3, ping_after_seconds=1.5)
+    state.record_heartbeat(beat("quiet"), now=0.0)
+    state.record_heartbeat(pinged("a"), now=0.0)
+    assert state.next_ping() == 1.5
+    assert state.due_for_ping(1.6) == ["a"] and state.next_ping() is None
+    state.record_heartbeat(pinged("a"), now=2.0)  # it was alive after all
+    assert state.next_ping() == 3.5 and state.due_for_ping(3.6) == ["a"], "a new silence, a new ping"
+    off = ClusterState(grace_seconds=3, ping_after_seconds=0)
+    off.record_heartbeat(pinged("a"), now=0.0)
+    assert off.next_ping() is None and off.due_for_ping(10.0) == []
+
+
+def test_an_unreachable_node_goes_down_at_once_unless_it_was_heard_from_since_the_ping():
+    state = ClusterState(grace_seconds=3, ping_after_seconds=1.5)
+    state.record_heartbeat(pinged("a"), now=0.0)
+    state.record_heartbeat(pinged("b"), now=0.0)
+    state.stopping["old"] = "a"
+    assert sorted(state.due_for_ping(1.6)) == ["a", "b"]
+    state.record_heartbeat(pinged("b"), now=1.7)  # b's agent reconnected before the answer
+    assert state.still_silent(["a", "b"]) == ["a"]
+    assert state.mark_unreachable("a", asked_at=1.8) is True
+    assert state.mark_unreachable("b", asked_at=1.65) is False
+    assert state.nodes["a"].status is NodeStatus.DOWN and state.nodes["b"].status is NodeStatus.READY
+    assert "old" not in state.stopping, "what it was stopping is gone with it"
+    assert state.overdue(3.5) == [] and state.next_deadline() == 4.7, "only b can still go down"
+    assert state.mark_unreachable("a", asked_at=2.0) is False, "already down"
+    state.record_heartbeat(pinged("a"), now=5.0)
+    assert state.nodes["a"].status is NodeStatus.READY
+
+
 def test_a_status_repeated_with_another_timestamp_is_not_a_change():
     state = ClusterState(grace_seconds=3)
     state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("t1", "default.web")]), 1, now=0.0)
@@ -266,6 +321,32 @@ def test_the_parser_reuses_a_nodes_task_list_while_its_bytes_are_unchanged():
     changed = hb.model_copy(update={"seq": 3, "tasks": [running("t1"), running("t2", restarts=1)]})
     third = parser.parse(changed.model_dump_json().encode())
     assert third == changed and third.tasks is not first.tasks
+
+
+def test_a_partial_heartbeat_neither_replaces_the_cached_full_list_nor_is_cached():
+    parser = HeartbeatParser()
+    full = heartbeat(tasks=[running("t1"), running("t2")])
+    first = parser.parse(full.model_dump_json().encode())
+    change = full.model_copy(update={"seq": 2, "full": False, "tasks": [running("t2", restarts=1)]})
+    assert parser.parse(change.model_dump_json().encode()) == change
+    quiet = full.model_copy(update={"seq": 3, "full": False, "tasks": []})
+    assert parser.parse(quiet.model_dump_json().encode()).tasks == []
+    again = parser.parse(full.model_copy(update={"seq": 4}).model_dump_json().encode())
+    assert again.tasks is first.tasks
+
+
+def test_only_a_full_heartbeat_says_which_stopping_tasks_are_gone():
+    state = ClusterState(grace_seconds=3)
+    state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("t1", "default.web")]), 1, now=0.0)
+    state.record_heartbeat(beat("n1", [running("t1"), running("old")]), now=0.0)
+    state.stopping["old"] = "n1"
+    assert state.nodes["n1"].record.tasks == 2
+    partial = beat("n1", [running("t1", restarts=1)]).model_copy(update={"full": False})
+    _, changed, gone = state.record_heartbeat(partial, now=1.0)
+    assert [s.task_id for s in changed] == ["t1"] and gone == [] and "old" in state.stopping
+    assert state.nodes["n1"].record.tasks == 2, "the count of the last full heartbeat"
+    _, _, gone = state.record_heartbeat(beat("n1", [running("t1", restarts=1)]), now=2.0)
+    assert gone == ["old"] and state.nodes["n1"].record.tasks == 1
 
 
 @pytest.mark.parametrize(

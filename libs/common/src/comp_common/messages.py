@@ -170,6 +170,14 @@ class Heartbeat(Message):
     allocated: Capacity
     labels: dict[str, str] = Field(default_factory=dict)
     taints: list[Taint] = Field(default_factory=list)
+    # The agent answers requests on ``subjects.node_ping(node_id)``: when a heartbeat is
+    # late, the scheduler asks, and "no responders" from the server means the agent's
+    # connection is gone (a killed process), so the node need not wait out its grace.
+    answers_pings: bool = False
+    # True: ``tasks`` is every task the node has (a task it lacks is gone).  False: only the
+    # statuses that changed since its previous heartbeat.
+    full: bool = True
+    # Last: the scheduler's HeartbeatParser reuses a node's parsed list while its bytes repeat.
     tasks: list[TaskStatus] = Field(default_factory=list)
 
 

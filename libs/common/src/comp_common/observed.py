@@ -29,6 +29,8 @@ class NodeRecord(Message):
     labels: dict[str, str] = {}
     taints: list[Taint] = []
     tasks: int = 0
+    # The scheduler declared it down before its grace ran out (its pings found no agent).
+    down: bool = False
 
     @classmethod
     def from_heartbeat(cls, hb: Heartbeat, received_at: float) -> "NodeRecord":
@@ -45,7 +47,8 @@ class NodeRecord(Message):
         )
 
     def info(self, now: float, grace_seconds: float) -> NodeInfo:
-        return NodeInfo(state=node_state(self.last_heartbeat, now, grace_seconds), **self.model_dump())
+        state = "down" if self.down else node_state(self.last_heartbeat, now, grace_seconds)
+        return NodeInfo(state=state, **self.model_dump(exclude={"down"}))
 
 
 class DeploymentStatus(Message):

@@ -42,6 +42,12 @@ class NodeLivenessSettings(BaseModel):
     heartbeat_seconds: float = 1.0
     # A node whose last heartbeat is older than this is down.
     grace_seconds: float = 3.0
+    # A node that answers pings and is this late is pinged; if the NATS server says no one
+    # is subscribed to its ping subject, its agent's connection is gone and the node is down
+    # now instead of at its grace.  A ping that times out or is answered changes nothing,
+    # so a busy or partitioned agent still has the whole grace.  0 turns pinging off.
+    ping_after_seconds: float = 1.5
+    ping_timeout_seconds: float = 0.5
 
 
 class CommonSettings(BaseSettings):

@@ -69,6 +69,11 @@ def node_nudge(node_id: str) -> str:
     return f"comp.node.{node_id}.nudge"
 
 
+def node_ping(node_id: str) -> str:
+    """The agent answers here while its connection lives (see ``Heartbeat.answers_pings``)."""
+    return f"comp.node.{node_id}.ping"
+
+
 def deployment_key(namespace: str, name: str) -> str:
     """KV key of a deployment; also the deployment's id in every message."""
     return f"{namespace}.{name}"

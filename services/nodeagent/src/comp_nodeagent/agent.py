@@ -289,6 +289,8 @@ class Agent:
 
         self.started_at = time.time()
         self.capacity = Capacity(cpu=0.0, memory=0)
+        # Set by whoever subscribes this agent to its ping subject (handlers.make_router).
+        self.answers_pings = False
         self._desired: dict[str, TaskSpec] = {}
         # The highest scheduler epoch seen in assignments or nudges: a value with a lower one
         # comes from a deposed leader and is refused.
@@ -307,6 +309,8 @@ class Agent:
         self._can_probe = can_probe(driver)
         self._http: httpx.AsyncClient | None = None
         self._heartbeat_seq = 0
+        # Tasks whose status changed since the last heartbeat: what a partial one carries.
+        self._changed_since_beat: set[str] = set()
 
         self._inflight: dict[str, asyncio.Task[None]] = {}
         # Whether a pass has listed the host since this agent started: until then a task the
@@ -334,7 +338,15 @@ class Agent:
         return Capacity(cpu=round(sum(t.cpu for t in tasks), 6), memory=sum(t.memory for t in tasks))
 
     def heartbeat(self) -> Heartbeat:
+        """The next heartbeat: the first and every ``full_heartbeat_every``-th carry every
+        task's status, the others those changed since the previous one."""
         self._heartbeat_seq += 1
+        full = (self._heartbeat_seq - 1) % self.settings.full_heartbeat_every == 0
+        if full:
+            tasks = list(self._statuses.values())
+        else:
+            tasks = [s for t in self._changed_since_beat if (s := self._statuses.get(t)) is not None]
+        self._changed_since_beat.clear()
         return Heartbeat(
             node_id=self.node_id,
             seq=self._heartbeat_seq,
@@ -346,7 +358,9 @@ class Agent:
             allocated=self.allocated,
             labels=dict(self.settings.labels),
             taints=list(self.settings.taints),
-            tasks=list(self._statuses.values()),
+            answers_pings=self.answers_pings,
+            full=full,
+            tasks=tasks,
         )
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -867,8 +881,9 @@ class Agent:
             **fields,
         )
         self._statuses[task_id] = status
+        self._changed_since_beat.add(task_id)
         try:
             await self._publish(status, subjects.task_event(self.node_id))
         except Exception:
-            # The next heartbeat carries every status, so a lost event is repaired.
+            # The next heartbeat carries this status again, so a lost event is repaired.
             log.warning("could not publish task status", extra={"task_id": task_id}, exc_info=True)

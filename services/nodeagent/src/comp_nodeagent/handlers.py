@@ -32,6 +32,13 @@ def make_router(agent: Agent) -> NatsRouter:
         # scheduler's trace.
         await agent.on_nudge(nudge)
 
+    # The reply only says this connection lives; what the scheduler acts on is the server's
+    # "no responders" once it is gone.  A fleet shares one connection and does not answer.
+    @router.subscriber(subjects.node_ping(agent.node_id))
+    async def on_ping() -> str:
+        return agent.node_id
+
+    agent.answers_pings = True
     return router
 
 

@@ -75,18 +75,19 @@ class FleetPublisher:
             self._sender = asyncio.create_task(self._send_batch(), name="nodeagent-fleet-publish")
 
     def _heartbeat_json(self, hb: Heartbeat) -> bytes:
-        """The heartbeat as ``model_dump_json`` writes it, but its task list serialised again
-        only when a status changed: an agent replaces a status object on every change and
+        """The heartbeat as ``model_dump_json`` writes it, but a full one's task list serialised
+        again only when a status changed: an agent replaces a status object on every change and
         otherwise sends the same ones each period (the cache holds them, so their ids are
         not reused).  The list stays the body's last field, byte for byte the same while
         nothing changed, which lets the scheduler skip validating it too."""
         tasks = tuple(hb.tasks)
-        last = self._task_lists.get(hb.node_id)
+        last = self._task_lists.get(hb.node_id) if hb.full else None
         if last is not None and len(last[0]) == len(tasks) and all(a is b for a, b in zip(last[0], tasks)):
             tasks_json = last[1]
         else:
             tasks_json = _TASK_LIST.dump_json(list(tasks))
-            self._task_lists[hb.node_id] = (tasks, tasks_json)
+            if hb.full:  # a partial list (the changes, mostly none) is not worth keeping
+                self._task_lists[hb.node_id] = (tasks, tasks_json)
         head = hb.model_dump_json(exclude={"tasks"}).encode()
         return head[:-1] + b',"tasks":' + tasks_json + b"}"
 

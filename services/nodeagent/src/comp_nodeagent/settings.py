@@ -101,6 +101,10 @@ class NodeAgentGroup(BaseModel):
     driver: str = "docker"
     # Period of the level-triggered pass that repairs whatever nudges and events missed.
     resync_seconds: float = Field(default=5.0, gt=0)
+    # Every Nth heartbeat carries every task's status; the others only those that changed
+    # since the heartbeat before (each change also went out as an event).  A full one is
+    # what repairs a lost event and tells the scheduler which tasks are gone.
+    full_heartbeat_every: int = Field(default=10, ge=1)
     # Engine operations (pull, create, start, stop) running at once.
     parallelism: int = Field(default=8, ge=1)
     labels: dict[str, str] = Field(default_factory=dict)

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
 
+import nats.errors
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -88,7 +89,9 @@ class Scheduler:
         self.clock = clock
         seed = settings.scheduler.seed
         self.rng = random.Random(seed if seed is not None else random.SystemRandom().getrandbits(64))
-        self.state = ClusterState(grace_seconds=settings.liveness.grace_seconds)
+        self.state = ClusterState(
+            grace_seconds=settings.liveness.grace_seconds, ping_after_seconds=settings.liveness.ping_after_seconds
+        )
         self.rebalance = settings.scheduler.rebalance.policy()
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
@@ -708,10 +711,14 @@ class Scheduler:
         node is noticed at its deadline.  No more often than ``liveness_check_seconds``, since
         with thousands of nodes some deadline is always about to pass."""
         gap = self.settings.scheduler.liveness_check_seconds
-        grace = self.settings.liveness.grace_seconds
+        liveness = self.settings.liveness
+        # The soonest any node first heard of after this sleep began could need a look.
+        grace = min(liveness.grace_seconds, liveness.ping_after_seconds or liveness.grace_seconds)
         while True:
-            await asyncio.sleep(next_check_in(self.state.next_deadline(), self.clock(), gap, grace))
+            deadlines = [d for d in (self.state.next_deadline(), self.state.next_ping()) if d is not None]
+            await asyncio.sleep(next_check_in(min(deadlines, default=None), self.clock(), gap, grace))
             try:
+                await self._ping_late_nodes()
                 await self._check_liveness()
             except asyncio.CancelledError:
                 raise
@@ -733,6 +740,36 @@ class Scheduler:
         if down or up:
             self._flush_wanted.set()
             self.want_round("cluster changed")
+
+    async def _ping_late_nodes(self) -> None:
+        """Ping the nodes that are late but within their grace; one whose ping subject has no
+        subscriber on the server goes down now (see ``NodeLivenessSettings``)."""
+        late = self.state.due_for_ping(self.clock())
+        if not late:
+            return
+        await self._catch_up()  # a heartbeat that waited in our queue is no lateness
+        late = self.state.still_silent(late)
+        asked_at = self.clock()
+        gone = await asyncio.gather(*(self._unreachable(node_id) for node_id in late))
+        down = [n for n, no_one in zip(late, gone) if no_one and self.state.mark_unreachable(n, asked_at)]
+        for node_id in down:
+            log.warning("node down: no connection answers its pings", extra={"node": node_id})
+        if down:
+            self._dirty_nodes.update(down)
+            self._flush_wanted.set()
+            self.want_round("cluster changed")
+
+    async def _unreachable(self, node_id: str) -> bool:
+        """True only on the server's "no responders": a reply or a timeout is no verdict."""
+        try:
+            await self.broker.connection.request(
+                subjects.node_ping(node_id), b"", timeout=self.settings.liveness.ping_timeout_seconds
+            )
+        except nats.errors.NoRespondersError:
+            return True
+        except Exception:
+            return False
+        return False
 
     async def _catch_up(self) -> None:
         """Return once every heartbeat the server sent before now has been handled.
@@ -785,7 +822,7 @@ class Scheduler:
             self._gone_deployments.clear()
             self.state.take_touched()
             return
-        nodes = [e.record for n in self._dirty_nodes if (e := self.state.nodes.get(n)) and e.record]
+        nodes = [self.state.shown_record(e) for n in self._dirty_nodes if (e := self.state.nodes.get(n)) and e.record]
         tasks = [s for t in self._dirty_tasks if (s := self.state.statuses.get(t))]
         gone_tasks, gone_deployments = set(self._gone_tasks), set(self._gone_deployments)
         # Taken with the tasks, before any await: a summary computed after the writes could

@@ -30,11 +30,16 @@ class NodeEntry:
     known_since: float
     record: NodeRecord | None = None  # None until the first heartbeat
     status: NodeStatus = NodeStatus.UNKNOWN
+    answers_pings: bool = False  # as its last heartbeat said
+    # The heartbeat time it was last pinged after: one ping per silence.
+    pinged_after: float | None = None
 
 
 @dataclass
 class ClusterState:
     grace_seconds: float
+    # How late a node that answers pings is pinged (0: never); see NodeLivenessSettings.
+    ping_after_seconds: float = 0.0
     desired: dict[str, DeploymentRecord] = field(default_factory=dict)
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
     # node id -> (assignments, KV revision or None when the key does not exist yet)
@@ -65,6 +70,9 @@ class ClusterState:
     # check looks only at nodes whose deadline has passed, and knows when the next one is.
     _deadlines: list[tuple[float, str]] = field(init=False, repr=False, default_factory=list)
     _queued: set[str] = field(init=False, repr=False, default_factory=set)
+    # The same, for when a node that answers pings is late enough to be pinged.
+    _ping_deadlines: list[tuple[float, str]] = field(init=False, repr=False, default_factory=list)
+    _ping_queued: set[str] = field(init=False, repr=False, default_factory=set)
     # node id -> (its assignments value, Task values built from it), reused by snapshot()
     # while the value is the same object.
     _tasks_of: dict[str, tuple[NodeAssignments, dict[str, Task]]] = field(init=False, repr=False, default_factory=dict)
@@ -129,14 +137,22 @@ class ClusterState:
     def record_heartbeat(
         self, hb: Heartbeat, now: float, before: dict[str, TaskStatus | None] | None = None
     ) -> tuple[bool, list[TaskStatus], list[str]]:
-        """Returns (node became ready, statuses that changed, stopping tasks now gone); with
+        """Returns (node became ready, statuses that changed, stopping tasks now gone: only a
+        full heartbeat says which are); with
         ``before``, fills it with what each changed status replaced (None: there was none)."""
         entry = self.node_entry(hb.node_id, now)
         was_ready = entry.status is NodeStatus.READY
+        previous = entry.record
         entry.record = NodeRecord.from_heartbeat(hb, now)
+        if not hb.full and previous is not None:
+            entry.record.tasks = previous.tasks  # a partial heartbeat lists only changes
         entry.status = NodeStatus.READY
         if hb.node_id not in self._queued:  # it was down: it can go down again
             self._queue_deadline(hb.node_id, now + self.grace_seconds)
+        entry.answers_pings = hb.answers_pings
+        if hb.answers_pings and self.ping_after_seconds > 0 and hb.node_id not in self._ping_queued:
+            heapq.heappush(self._ping_deadlines, (now + self.ping_after_seconds, hb.node_id))
+            self._ping_queued.add(hb.node_id)
         assigned = self.assigned_ids(hb.node_id)
         changed = []
         for status in hb.tasks:
@@ -147,7 +163,7 @@ class ClusterState:
                     if before is not None:
                         before[status.task_id] = old
         gone = []
-        if self.stopping:
+        if self.stopping and hb.full:
             reported = {s.task_id for s in hb.tasks}
             gone = [t for t, n in self.stopping.items() if n == hb.node_id and t not in reported]
             for task_id in gone:
@@ -219,6 +235,51 @@ class ClusterState:
             heapq.heappush(self._deadlines, item)
         return due
 
+    def next_ping(self) -> float | None:
+        """When the next node would be late enough to ping; None: none would."""
+        return self._ping_deadlines[0][0] if self._ping_deadlines else None
+
+    def due_for_ping(self, now: float) -> list[str]:
+        """Ready nodes that answer pings and whose last heartbeat is ``ping_after_seconds``
+        old, each once per silence: the next heartbeat makes it eligible again."""
+        due, requeue = [], []
+        while self._ping_deadlines and self._ping_deadlines[0][0] < now:
+            _, node_id = heapq.heappop(self._ping_deadlines)
+            entry = self.nodes.get(node_id)
+            last = entry.record.last_heartbeat if entry and entry.record else None
+            if entry is None or last is None or entry.status is not NodeStatus.READY or not entry.answers_pings:
+                self._ping_queued.discard(node_id)
+            elif last + self.ping_after_seconds >= now:
+                requeue.append((last + self.ping_after_seconds, node_id))
+            elif entry.pinged_after != last:
+                entry.pinged_after = last
+                due.append(node_id)
+                self._ping_queued.discard(node_id)
+            else:
+                self._ping_queued.discard(node_id)
+        for item in requeue:
+            heapq.heappush(self._ping_deadlines, item)
+        return due
+
+    def still_silent(self, node_ids: Iterable[str]) -> list[str]:
+        """Those of ``node_ids`` (from due_for_ping) with no heartbeat since."""
+        return [
+            n for n in node_ids
+            if (e := self.nodes.get(n)) and e.record and e.status is NodeStatus.READY and e.record.last_heartbeat == e.pinged_after
+        ]
+
+    def mark_unreachable(self, node_id: str, asked_at: float) -> bool:
+        """The server had no subscriber for the node's pings at ``asked_at``: the node is down
+        unless a heartbeat came in since (its agent reconnected).  True if it went down."""
+        entry = self.nodes.get(node_id)
+        if entry is None or entry.record is None or entry.status is not NodeStatus.READY:
+            return False
+        if entry.record.last_heartbeat >= asked_at:
+            return False
+        entry.status = NodeStatus.DOWN
+        self._went_down([node_id])
+        return True
+
     def refresh_liveness(self, now: float) -> tuple[list[str], list[str]]:
         """Re-derive the status of each node whose deadline has passed; returns (went down,
         came up).  Only those: every other node heard from within the grace is as it was."""
@@ -230,6 +291,10 @@ class ClusterState:
             if status is not entry.status:
                 (down if status is NodeStatus.DOWN else up).append(node_id)
                 entry.status = status
+        self._went_down(down)
+        return down, up
+
+    def _went_down(self, down: list[str]) -> None:
         if down:
             # A down node has no deadline until its next heartbeat queues one again.
             gone = set(down)
@@ -240,9 +305,15 @@ class ClusterState:
             for task_id in [t for t, n in self.stopping.items() if n == node_id]:
                 del self.stopping[task_id]
                 self._forget_status(task_id)
-        return down, up
 
     # ---- views -----------------------------------------------------------------------
+    def shown_record(self, entry: NodeEntry) -> NodeRecord:
+        """The node as Redis shows it: its last heartbeat, and whether it was declared down
+        before its grace ran out (a reader derives the rest of "down" from the time)."""
+        assert entry.record is not None
+        down = entry.status is NodeStatus.DOWN
+        return entry.record if entry.record.down == down else entry.record.model_copy(update={"down": down})
+
     def assigned_ids(self, node_id: str) -> frozenset[str]:
         return self._ids_of.get(node_id, frozenset())
 
@@ -397,12 +468,14 @@ _TASK_LIST = TypeAdapter(list[TaskStatus])
 
 
 class HeartbeatParser:
-    """Parses heartbeats, validating a node's task list only when it differs from the last one.
+    """Parses heartbeats, validating a node's full task list only when it differs from the
+    last full one.
 
-    A heartbeat carries every task's status, and between changes it carries the very same
-    bytes for them: at 20 tasks a node, validating those was most of what 5,000 heartbeats a
-    second cost.  The list is the body's last field (as the agents serialise a Heartbeat);
-    when its bytes equal that node's previous list, the previous parse is reused.  Anything
+    A full heartbeat carries every task's status, and between changes it carries the very
+    same bytes for them: at 20 tasks a node, validating those was most of what 5,000 full
+    heartbeats a second cost.  The list is the body's last field (as the agents serialise a
+    Heartbeat); when its bytes equal that node's previous full list, the previous parse is
+    reused.  A partial heartbeat's list (the changes, mostly none) is validated.  Anything
     else (another field order, a malformed body) takes the full validation, whose error is
     the one raised.
     """
@@ -417,13 +490,14 @@ class HeartbeatParser:
         tasks_json = data[cut + len(_TASKS_FIELD) - 1 : -1]
         try:
             head = Heartbeat.model_validate_json(data[:cut] + b"}")
-            last = self._last.get(head.node_id)
+            last = self._last.get(head.node_id) if head.full else None
             if last is not None and last[0] == tasks_json:
                 tasks = last[1]
             else:
                 # Exactly a list, or not this shape at all (then the full validation decides).
                 tasks = _TASK_LIST.validate_json(tasks_json)
-                self._last[head.node_id] = (tasks_json, tasks)
+                if head.full:  # partial lists (mostly empty) come and go between full ones
+                    self._last[head.node_id] = (tasks_json, tasks)
         except ValueError:
             return Heartbeat.model_validate_json(data)
         head.tasks = tasks
