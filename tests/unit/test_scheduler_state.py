@@ -14,7 +14,7 @@ from comp_common.observed import NodeRecord
 from comp_scheduler.model import NodeStatus
 from comp_scheduler.model import Taint as NodeTaint
 from comp_scheduler.settings import SchedulerSettings
-from comp_scheduler.state import ClusterState, HeartbeatParser
+from comp_scheduler.state import ClusterState, DisruptionPolicy, HeartbeatParser
 
 
 def heartbeat(**extra) -> Heartbeat:
@@ -167,14 +167,81 @@ def test_an_unreachable_node_goes_down_at_once_unless_it_was_heard_from_since_th
     assert sorted(state.due_for_ping(1.6)) == ["a", "b"]
     state.record_heartbeat(pinged("b"), now=1.7)  # b's agent reconnected before the answer
     assert state.still_silent(["a", "b"]) == ["a"]
-    assert state.mark_unreachable("a", asked_at=1.8) is True
-    assert state.mark_unreachable("b", asked_at=1.65) is False
+    assert state.mark_unreachable(["a"], asked_at=1.8, now=1.9) == ["a"]
+    assert state.mark_unreachable(["b"], asked_at=1.65, now=1.9) == []
     assert state.nodes["a"].status is NodeStatus.DOWN and state.nodes["b"].status is NodeStatus.READY
     assert "old" not in state.stopping, "what it was stopping is gone with it"
     assert state.overdue(3.5) == [] and state.next_deadline() == 4.7, "only b can still go down"
-    assert state.mark_unreachable("a", asked_at=2.0) is False, "already down"
+    assert state.mark_unreachable(["a"], asked_at=2.0, now=2.0) == [], "already down"
     state.record_heartbeat(pinged("a"), now=5.0)
     assert state.nodes["a"].status is NodeStatus.READY
+
+
+POLICY = DisruptionPolicy(fraction=0.5, min_nodes=4, hold_seconds=10)
+
+
+def fleet(n: int, policy: DisruptionPolicy = POLICY) -> ClusterState:
+    state = ClusterState(grace_seconds=3, disruption=policy)
+    for i in range(n):
+        state.record_heartbeat(beat(f"n{i}"), now=0.0)
+    return state
+
+
+@pytest.mark.parametrize(
+    "nodes, silent, held",
+    [
+        (10, 4, False),  # 40% of the ready nodes: they go down
+        (10, 5, True),  # half at once: held
+        (10, 10, True),  # all of them: held
+        (3, 3, False),  # fewer ready nodes than min_nodes: no policy
+        (4, 2, True),
+    ],
+)
+def test_most_nodes_going_down_at_once_are_held(nodes, silent, held):
+    state = fleet(nodes)
+    for i in range(silent, nodes):
+        state.record_heartbeat(beat(f"n{i}"), now=2.0)
+    down, _ = state.refresh_liveness(4.0)
+    assert (down == []) is held and (held or len(down) == silent)
+    assert (state.holding_since is not None) is held
+    assert sum(e.status is NodeStatus.DOWN for e in state.nodes.values()) == (0 if held else silent)
+
+
+def test_a_hold_ends_when_they_are_heard_from_or_after_hold_seconds():
+    state = fleet(10)
+    assert state.refresh_liveness(4.0)[0] == [] and state.holding_since == 4.0
+    for i in range(10):
+        state.record_heartbeat(beat(f"n{i}"), now=5.0)  # the network came back
+    assert state.refresh_liveness(6.0) == ([], []) and state.holding_since is None
+    # A new silence: held again from when it began, then let go once the hold is over.
+    assert state.refresh_liveness(8.5)[0] == [] and state.holding_since == 8.5
+    assert state.refresh_liveness(18.0)[0] == []
+    assert sorted(state.refresh_liveness(18.6)[0]) == sorted(f"n{i}" for i in range(10))
+
+
+def test_a_wave_spread_over_many_checks_is_held_once_it_reaches_the_fraction():
+    # Heartbeat slots are staggered: a stall makes nodes late one after another.
+    state = ClusterState(grace_seconds=3, disruption=POLICY)
+    for i in range(10):
+        state.record_heartbeat(beat(f"n{i}"), now=i * 0.1)
+    went = [state.refresh_liveness(3.01 + i * 0.1)[0] for i in range(10)]
+    assert went[:4] == [["n0"], ["n1"], ["n2"], ["n3"]], "alone, each is a node down"
+    assert went[4:] == [[]] * 6, "the fifth of ten within a grace is half the nodes: the rest are held"
+    # Nodes going down more than a grace apart are no wave: each goes down.
+    spaced = ClusterState(grace_seconds=3, disruption=POLICY)
+    downs = []
+    for step in range(8):  # node k falls silent at 4k s; the rest keep beating
+        now = 4.0 * step
+        for i in range(step, 10):
+            spaced.record_heartbeat(beat(f"n{i}"), now=now)
+        downs += spaced.refresh_liveness(now + 2.0)[0]
+    assert downs == [f"n{i}" for i in range(7)] and spaced.holding_since is None
+
+
+def test_the_policy_holds_nodes_whose_pings_found_no_one_too():
+    state = fleet(10)
+    assert state.mark_unreachable([f"n{i}" for i in range(6)], asked_at=1.6, now=1.7) == []
+    assert state.mark_unreachable(["n0"], asked_at=1.6, now=1.7) == ["n0"], "one alone is no disruption"
 
 
 def test_a_status_repeated_with_another_timestamp_is_not_a_change():

@@ -48,6 +48,13 @@ class NodeLivenessSettings(BaseModel):
     # so a busy or partitioned agent still has the whole grace.  0 turns pinging off.
     ping_after_seconds: float = 1.5
     ping_timeout_seconds: float = 0.5
+    # When at least this fraction of the ready nodes (with at least disruption_min_nodes
+    # ready) would go down at once, none does for up to disruption_hold_seconds: that is
+    # likelier the network, NATS or the scheduler than the nodes (Kubernetes stops evicting
+    # at 0.55 for the same reason).  A real mass failure is only delayed by the hold.
+    disruption_fraction: float = Field(default=0.55, gt=0, le=1)
+    disruption_min_nodes: int = Field(default=20, ge=1)
+    disruption_hold_seconds: float = Field(default=30.0, ge=0)
 
 
 class CommonSettings(BaseSettings):

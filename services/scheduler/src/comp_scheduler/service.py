@@ -58,13 +58,15 @@ from .model import Plan
 from .reconcile import reconcile
 from .rollout import RolloutState, RolloutStep
 from .settings import SchedulerSettings
-from .state import ClusterState
+from .state import ClusterState, DisruptionPolicy
 
 log = logging.getLogger("scheduler")
 tracer = trace.get_tracer("comp.scheduler")
 # Reasons named in one round's span and log line; the rest are counted.
 _REASONS_SHOWN = 5
 _CATCH_UP_BOUND_SECONDS = 10.0
+# How often the liveness check looks again while the disruption policy holds nodes up.
+HELD_CHECK_SECONDS = 0.5
 # Revisions read at once when a resync or takeover refreshes which generations are settled.
 _REVISION_READS_IN_FLIGHT = 32
 # A wake-up round runs this long after the step's wake_at, so that the clock has passed it.
@@ -89,9 +91,15 @@ class Scheduler:
         self.clock = clock
         seed = settings.scheduler.seed
         self.rng = random.Random(seed if seed is not None else random.SystemRandom().getrandbits(64))
+        liveness = settings.liveness
         self.state = ClusterState(
-            grace_seconds=settings.liveness.grace_seconds, ping_after_seconds=settings.liveness.ping_after_seconds
+            grace_seconds=liveness.grace_seconds,
+            ping_after_seconds=liveness.ping_after_seconds,
+            disruption=DisruptionPolicy(
+                liveness.disruption_fraction, liveness.disruption_min_nodes, liveness.disruption_hold_seconds
+            ),
         )
+        self._was_holding = False
         self.rebalance = settings.scheduler.rebalance.policy()
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
@@ -716,7 +724,9 @@ class Scheduler:
         grace = min(liveness.grace_seconds, liveness.ping_after_seconds or liveness.grace_seconds)
         while True:
             deadlines = [d for d in (self.state.next_deadline(), self.state.next_ping()) if d is not None]
-            await asyncio.sleep(next_check_in(min(deadlines, default=None), self.clock(), gap, grace))
+            # Held nodes stay overdue: look again now and then, not every gap.
+            least = HELD_CHECK_SECONDS if self.state.holding_since is not None else gap
+            await asyncio.sleep(next_check_in(min(deadlines, default=None), self.clock(), least, grace))
             try:
                 await self._ping_late_nodes()
                 await self._check_liveness()
@@ -727,6 +737,8 @@ class Scheduler:
 
     async def _check_liveness(self) -> None:
         if not self.state.overdue(self.clock()):
+            self.state.holding_since = None  # no one is late: nothing is held
+            self._say_if_holding()
             return
         # Heartbeats are stamped when this loop handles them.  After a stall (a long round,
         # a burst of events) the ones that came in meanwhile still wait in the socket or the
@@ -734,6 +746,7 @@ class Scheduler:
         # that is really gone is late still, by the time this took (normally a round trip).
         await self._catch_up()
         down, up = self.state.refresh_liveness(self.clock())
+        self._say_if_holding()
         for node_id in down:
             log.warning("node down", extra={"node": node_id})
         self._dirty_nodes.update(down + up)
@@ -751,13 +764,27 @@ class Scheduler:
         late = self.state.still_silent(late)
         asked_at = self.clock()
         gone = await asyncio.gather(*(self._unreachable(node_id) for node_id in late))
-        down = [n for n, no_one in zip(late, gone) if no_one and self.state.mark_unreachable(n, asked_at)]
+        down = self.state.mark_unreachable([n for n, no_one in zip(late, gone) if no_one], asked_at, self.clock())
+        self._say_if_holding()
         for node_id in down:
             log.warning("node down: no connection answers its pings", extra={"node": node_id})
         if down:
             self._dirty_nodes.update(down)
             self._flush_wanted.set()
             self.want_round("cluster changed")
+
+    def _say_if_holding(self) -> None:
+        holding = self.state.holding_since is not None
+        if holding != self._was_holding:
+            self._was_holding = holding
+            if holding:
+                policy = self.state.disruption
+                log.warning(
+                    "most nodes are late at once; holding them up rather than declaring them down",
+                    extra={"fraction": policy.fraction, "hold_seconds": policy.hold_seconds},
+                )
+            else:
+                log.warning("no nodes held up any more")
 
     async def _unreachable(self, node_id: str) -> bool:
         """True only on the server's "no responders": a reply or a timeout is no verdict."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -25,6 +26,21 @@ from .model import Desired, Node, NodeStatus, Observed, Taint, Task
 from .reconcile import node_status
 
 
+@dataclass(frozen=True)
+class DisruptionPolicy:
+    """When at least ``fraction`` of the ready nodes (and ``min_nodes`` or more are ready)
+    would go down within one grace period (a stall makes nodes late one heartbeat slot after
+    another, so a wave spans many checks), no more do, for up to ``hold_seconds``: that many is
+    likelier the network, NATS or this scheduler than the nodes, and replacing their tasks
+    would only move load onto nodes just as unreachable.  Kubernetes' node lifecycle
+    controller stops evicting for the same reason (its threshold is 0.55).  After the hold
+    they go down as usual, so a real mass failure is only delayed."""
+
+    fraction: float = 0.55
+    min_nodes: int = 20
+    hold_seconds: float = 30.0
+
+
 @dataclass
 class NodeEntry:
     known_since: float
@@ -40,6 +56,11 @@ class ClusterState:
     grace_seconds: float
     # How late a node that answers pings is pinged (0: never); see NodeLivenessSettings.
     ping_after_seconds: float = 0.0
+    disruption: DisruptionPolicy = DisruptionPolicy()
+    # Since when nodes are held up by the disruption policy (None: none are).
+    holding_since: float | None = None
+    # When each node that went down from ready within the last grace period did.
+    _recent_downs: deque[float] = field(init=False, repr=False, default_factory=deque)
     desired: dict[str, DeploymentRecord] = field(default_factory=dict)
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
     # node id -> (assignments, KV revision or None when the key does not exist yet)
@@ -268,17 +289,21 @@ class ClusterState:
             if (e := self.nodes.get(n)) and e.record and e.status is NodeStatus.READY and e.record.last_heartbeat == e.pinged_after
         ]
 
-    def mark_unreachable(self, node_id: str, asked_at: float) -> bool:
-        """The server had no subscriber for the node's pings at ``asked_at``: the node is down
-        unless a heartbeat came in since (its agent reconnected).  True if it went down."""
-        entry = self.nodes.get(node_id)
-        if entry is None or entry.record is None or entry.status is not NodeStatus.READY:
-            return False
-        if entry.record.last_heartbeat >= asked_at:
-            return False
-        entry.status = NodeStatus.DOWN
-        self._went_down([node_id])
-        return True
+    def mark_unreachable(self, node_ids: Iterable[str], asked_at: float, now: float) -> list[str]:
+        """The server had no subscriber for these nodes' pings at ``asked_at``: each is down,
+        unless a heartbeat came in since (its agent reconnected) or the disruption policy
+        holds them.  Returns those that went down."""
+        down = [
+            n for n in node_ids
+            if (e := self.nodes.get(n)) is not None and e.record is not None
+            and e.status is NodeStatus.READY and e.record.last_heartbeat < asked_at
+        ]
+        if not down or self._hold(len(down), now):
+            return []
+        for node_id in down:
+            self.nodes[node_id].status = NodeStatus.DOWN
+        self._went_down(down)
+        return down
 
     def refresh_liveness(self, now: float) -> tuple[list[str], list[str]]:
         """Re-derive the status of each node whose deadline has passed; returns (went down,
@@ -290,9 +315,37 @@ class ClusterState:
             status = node_status(last, entry.known_since, now, self.grace_seconds)
             if status is not entry.status:
                 (down if status is NodeStatus.DOWN else up).append(node_id)
-                entry.status = status
+        for node_id in up:
+            self.nodes[node_id].status = NodeStatus.READY
+        ready_down = [n for n in down if self.nodes[n].status is NodeStatus.READY]
+        if not ready_down:
+            self.holding_since = None  # whatever was held has been heard from, or is down
+        elif self._hold(len(ready_down), now):
+            held = set(ready_down)
+            down = [n for n in down if n not in held]  # the held stay as they were
+        for node_id in down:
+            self.nodes[node_id].status = NodeStatus.DOWN
         self._went_down(down)
         return down, up
+
+    def _hold(self, going: int, now: float) -> bool:
+        """Whether ``going`` ready nodes going down at once are held (DisruptionPolicy)."""
+        policy = self.disruption
+        recent = self._recent_downs
+        while recent and recent[0] < now - self.grace_seconds:
+            recent.popleft()
+        ready = sum(1 for e in self.nodes.values() if e.status is NodeStatus.READY)
+        wave, base = going + len(recent), ready + len(recent)
+        if base < policy.min_nodes or wave < policy.fraction * base:
+            self.holding_since = None
+            recent.extend([now] * going)
+            return False
+        if self.holding_since is None:
+            self.holding_since = now
+        if now - self.holding_since < policy.hold_seconds:
+            return True
+        recent.extend([now] * going)
+        return False
 
     def _went_down(self, down: list[str]) -> None:
         if down:
