@@ -424,3 +424,36 @@ async def test_agent_refuses_assignments_from_an_older_epoch_and_keeps_its_own()
     assert "ghost" not in driver.started
     for task in list(agent._inflight.values()):
         await task
+
+
+class AnswerLostKV(FakeKV):
+    """Writes land, but the answer to the next ``lose`` of them never comes."""
+
+    def __init__(self, lose: int, land: bool = True) -> None:
+        super().__init__()
+        self.lose, self.land = lose, land
+
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int:
+        if self.lose:
+            self.lose -= 1
+            if self.land:
+                await super().update(key, value, last)
+            raise TimeoutError
+        return await super().update(key, value, last)
+
+
+@pytest.mark.parametrize("land", [True, False])
+async def test_a_write_whose_answer_timed_out_counts_only_if_it_landed(land: bool) -> None:
+    kv, broker, state = AnswerLostKV(lose=0, land=land), FakeBroker(), ClusterState(grace_seconds=3)
+    applier = Applier(state, kv, broker, lambda: 3)  # type: ignore[arg-type]
+    await applier._write_node("n1", [spec("t1")], set(), now=1.0)
+    kv.lose = 1
+    if land:
+        await applier._write_node("n1", [spec("t2")], set(), now=2.0)
+        assert state.assignments["n1"] == (await stored(kv, "n1"), kv.data["n1"].revision)
+        assert "t2" in state.statuses, "placed, as the bucket says"
+    else:
+        with pytest.raises(TimeoutError):
+            await applier._write_node("n1", [spec("t2")], set(), now=2.0)
+        assert [t.task_id for t in state.assignments["n1"][0].tasks] == ["t1"] == [t.task_id for t in (await stored(kv, "n1")).tasks]
+        assert "t2" not in state.statuses

@@ -150,6 +150,12 @@ class Applier:
             updated = NodeAssignments(node_id=node_id, version=current.version + 1, tasks=tasks, epoch=epoch)
             try:
                 new_revision = await put_model(self.kv, node_id, updated, revision)
+            except TimeoutError:
+                # No answer is no failure: the write may have landed.  Taken as failed, its
+                # tasks were placed again next round and the node got both copies.
+                new_revision = await self._landed(node_id, updated)
+                if new_revision is None:
+                    raise
             except ConflictError:
                 # Someone else wrote this node's key since we read it: judge it by its epoch.
                 found = await get_model(self.kv, node_id, NodeAssignments)
@@ -178,6 +184,15 @@ class Applier:
                     self.state.stopping[task_id] = node_id
             return
         raise ConflictError(f"assignments of {node_id} kept changing under {_CAS_ATTEMPTS} attempts")
+
+    async def _landed(self, node_id: str, written: NodeAssignments) -> int | None:
+        """The revision of ``written`` if the key holds it now (a write whose answer timed
+        out), else None."""
+        try:
+            found = await get_model(self.kv, node_id, NodeAssignments)
+        except Exception:
+            return None
+        return found[1] if found is not None and found[0] == written else None
 
     async def _nudge(self, node_id: str) -> None:
         value = self.state.assignments[node_id][0]
