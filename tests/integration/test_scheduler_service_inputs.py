@@ -130,7 +130,12 @@ async def test_a_burst_of_deployment_events_is_one_round(scheduler, nats_url):
                 rev = await put_model(deployments, f"default.{name}", record, None)
                 event = DeploymentEvent(action="applied", namespace="default", name=name, revision=rev)
                 await nc.publish(subjects.deployment_event("default", name), event.model_dump_json().encode())
-            await wait_for(lambda: len(scheduler.state.desired) == 20, what="every event handled")
+            # Handled to the end: a handler asks for its round only after reading the record
+            # (and the revisions) back, so a full ``desired`` alone could leave one ask to come.
+            await wait_for(
+                lambda: sum(why.startswith("deployment default.") for why, _ in scheduler._wanted) == 20,
+                what="every event handled and its round asked for",
+            )
 
         async def all_placed():
             found = await list_models(assignments, NodeAssignments)
