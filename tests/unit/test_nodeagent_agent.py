@@ -211,6 +211,9 @@ async def test_every_nth_heartbeat_is_full_and_the_others_carry_only_changes() -
     beats.append(agent.heartbeat())  # 4: a changed
     beats.append(agent.heartbeat())  # 5: full again
     assert [b.full for b in beats] == [False, False, True]
+    assert [b.task_count for b in beats] == [2, 2, 2], "every heartbeat counts every task"
+    assert agent.heartbeat().model_dump_json().endswith("]}"), "the list stays the last field"
+
     assert [sorted(s.task_id for s in b.tasks) for b in beats] == [[], ["a"], ["a", "b"]]
     assert beats[1].tasks[0] == agent.statuses["a"], "the change as it stands now"
     await agent.stop()

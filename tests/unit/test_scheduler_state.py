@@ -407,12 +407,12 @@ def test_only_a_full_heartbeat_says_which_stopping_tasks_are_gone():
     state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("t1", "default.web")]), 1, now=0.0)
     state.record_heartbeat(beat("n1", [running("t1"), running("old")]), now=0.0)
     state.stopping["old"] = "n1"
-    assert state.nodes["n1"].record.tasks == 2
-    partial = beat("n1", [running("t1", restarts=1)]).model_copy(update={"full": False})
+    assert state.nodes["n1"].record.tasks == 2, "an older agent's full list is its count"
+    partial = beat("n1", [running("t1", restarts=1)]).model_copy(update={"full": False, "task_count": 2})
     _, changed, gone = state.record_heartbeat(partial, now=1.0)
     assert [s.task_id for s in changed] == ["t1"] and gone == [] and "old" in state.stopping
-    assert state.nodes["n1"].record.tasks == 2, "the count of the last full heartbeat"
-    _, _, gone = state.record_heartbeat(beat("n1", [running("t1", restarts=1)]), now=2.0)
+    assert state.nodes["n1"].record.tasks == 2, "the count the heartbeat states, not its list's length"
+    _, _, gone = state.record_heartbeat(beat("n1", [running("t1", restarts=1)]).model_copy(update={"task_count": 1}), now=2.0)
     assert gone == ["old"] and state.nodes["n1"].record.tasks == 1
 
 

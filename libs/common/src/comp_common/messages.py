@@ -177,6 +177,9 @@ class Heartbeat(Message):
     # True: ``tasks`` is every task the node has (a task it lacks is gone).  False: only the
     # statuses that changed since its previous heartbeat.
     full: bool = True
+    # How many tasks the node has (a partial heartbeat lists only some); None from an agent
+    # that predates partial heartbeats, whose list is every task.
+    task_count: int | None = None
     # Last: the scheduler's HeartbeatParser reuses a node's parsed list while its bytes repeat.
     tasks: list[TaskStatus] = Field(default_factory=list)
 

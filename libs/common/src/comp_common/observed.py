@@ -43,7 +43,7 @@ class NodeRecord(Message):
             allocated=hb.allocated,
             labels=hb.labels,
             taints=hb.taints,
-            tasks=len(hb.tasks),
+            tasks=hb.task_count if hb.task_count is not None else len(hb.tasks),
         )
 
     def info(self, now: float, grace_seconds: float) -> NodeInfo:

@@ -368,6 +368,7 @@ class Agent:
             taints=list(self.settings.taints),
             answers_pings=self.answers_pings,
             full=full,
+            task_count=len(self._statuses),
             tasks=tasks,
         )
 

@@ -163,10 +163,7 @@ class ClusterState:
         ``before``, fills it with what each changed status replaced (None: there was none)."""
         entry = self.node_entry(hb.node_id, now)
         was_ready = entry.status is NodeStatus.READY
-        previous = entry.record
         entry.record = NodeRecord.from_heartbeat(hb, now)
-        if not hb.full and previous is not None:
-            entry.record.tasks = previous.tasks  # a partial heartbeat lists only changes
         entry.status = NodeStatus.READY
         if hb.node_id not in self._queued:  # it was down: it can go down again
             self._queue_deadline(hb.node_id, now + self.grace_seconds)
