@@ -65,6 +65,22 @@ def test_default_strategy_setting_refuses_unknown(monkeypatch):
         SchedulerSettings()
 
 
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("COMP_LIVENESS__PING_AFTER_SECONDS", "-1"),
+        ("COMP_LIVENESS__PING_TIMEOUT_SECONDS", "0"),
+        ("COMP_LIVENESS__DISRUPTION_FRACTION", "1.5"),
+        ("COMP_LIVENESS__DISRUPTION_MIN_NODES", "0"),
+    ],
+)
+def test_liveness_settings_out_of_range_are_refused_with_their_name(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    field = variable.removeprefix("COMP_LIVENESS__").lower()
+    with pytest.raises(ValueError, match=field):
+        SchedulerSettings()
+
+
 # ---- liveness: one deadline per node, checked only when due ---------------------------------------
 
 

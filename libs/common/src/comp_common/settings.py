@@ -46,8 +46,8 @@ class NodeLivenessSettings(BaseModel):
     # is subscribed to its ping subject, its agent's connection is gone and the node is down
     # now instead of at its grace.  A ping that times out or is answered changes nothing,
     # so a busy or partitioned agent still has the whole grace.  0 turns pinging off.
-    ping_after_seconds: float = 1.5
-    ping_timeout_seconds: float = 0.5
+    ping_after_seconds: float = Field(default=1.5, ge=0)
+    ping_timeout_seconds: float = Field(default=0.5, gt=0)
     # When at least this fraction of the ready nodes (with at least disruption_min_nodes
     # ready) would go down at once, none does for up to disruption_hold_seconds: that is
     # likelier the network, NATS or the scheduler than the nodes (Kubernetes stops evicting
