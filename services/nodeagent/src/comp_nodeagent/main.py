@@ -21,6 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import BaseModel, TypeAdapter
 
 from comp_common import subjects
+from comp_common.aio import Slots, contain_collections
 from comp_common.broker import make_broker
 from comp_common.kv import get_model, open_bucket
 from comp_common.logs import configure_logging
@@ -128,7 +129,7 @@ class AssignmentsReader:
 
     def __init__(self, broker: NatsBroker, in_flight: int = KV_READS_IN_FLIGHT):
         self._broker = broker
-        self._slots = asyncio.Semaphore(in_flight)
+        self._slots = Slots(in_flight)
         self._kv: KeyValue | None = None
         self._parsed: dict[str, tuple[int, NodeAssignments]] = {}
 
@@ -271,6 +272,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         # Bad settings or no engine to talk to: one clear line rather than a traceback.
         logging.getLogger(SERVICE).error("node agent cannot start: %s", exc)
         sys.exit(1)
+    contain_collections(log)
     asyncio.run(app.run())
 
 

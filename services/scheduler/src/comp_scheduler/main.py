@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from faststream import FastStream
 
+from comp_common.aio import contain_collections
 from comp_common.broker import ensure_event_stream, make_broker
 from comp_common.logs import configure_logging
 from comp_common.observed import ObservedStore, connect
@@ -44,4 +46,5 @@ def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
 
 def run() -> None:
     app, _ = build_app(SchedulerSettings())
+    contain_collections(logging.getLogger("scheduler"))
     asyncio.run(app.run())
