@@ -79,12 +79,14 @@ def machine_busy_seconds() -> float:
 
 
 class Cluster:
-    def __init__(self, state_dir: Path, nodes: int, heartbeat_seconds: float, grace_seconds: float, agent_env: dict[str, str]):
+    def __init__(
+        self, state_dir: Path, nodes: int, heartbeat_seconds: float, grace_seconds: float, agent_env: dict[str, str],
+        log_level: str = "WARNING",
+    ):
         self.config = ClusterConfig.private(
             state_dir, "scale", nodes=0,
             heartbeat_seconds=heartbeat_seconds, grace_seconds=grace_seconds,
-            # Per-action log lines from 5,000 nodes would cost the run more than the work.
-            extra_env={"COMP_LOG__LEVEL": "WARNING"},
+            extra_env={"COMP_LOG__LEVEL": log_level},
         )
         self.local = LocalCluster(self.config)
         self.nodes = nodes
@@ -95,7 +97,8 @@ class Cluster:
         self.local.start()  # nats, redis, api, scheduler; no agents (nodes=0)
         self.local.start_agent(
             HOLLOW_PREFIX,
-            {"COMP_NODEAGENT__DRIVER": "hollow", "COMP_NODEAGENT__COUNT": str(self.nodes), **self.agent_env},
+            # Per-action log lines from 5,000 nodes would cost the run more than the work.
+            {"COMP_NODEAGENT__DRIVER": "hollow", "COMP_NODEAGENT__COUNT": str(self.nodes), "COMP_LOG__LEVEL": "WARNING", **self.agent_env},
         )
         self.redis = redis.Redis.from_url(self.config.redis_url)
 
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> bool:
     elapsed: float | None = None
     with tempfile.TemporaryDirectory(prefix="comp-scale-") as tmp:
         state_dir = args.keep or Path(tmp)
-        cluster = Cluster(state_dir, args.nodes, args.heartbeat_seconds, args.grace_seconds, agent_env)
+        cluster = Cluster(state_dir, args.nodes, args.heartbeat_seconds, args.grace_seconds, agent_env, args.log_level)
         try:
             cluster.start()
             up = wait_ready(cluster, args.ready_timeout)
@@ -244,6 +247,10 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between all nodes ready and the idle measurement")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="seconds of idle CPU measurement before the apply")
     parser.add_argument("--keep", type=Path, help="state dir (logs of every process) to keep, instead of a temporary one")
+    parser.add_argument(
+        "--log-level", default="WARNING",
+        help="log level of the api and scheduler (default WARNING; INFO logs each round with where its time went)",
+    )
     parser.add_argument("--py-spy", type=Path, help="record py-spy profiles of the scheduler, api and agents into this dir")
     sys.exit(0 if run(parser.parse_args()) else 1)
 

@@ -368,6 +368,28 @@ async def test_a_deposed_leaders_late_write_is_voided_and_a_newer_one_deposes_us
     assert (await stored(kv, "n1")).epoch == 12
 
 
+async def test_the_written_value_is_the_models_json_and_nudges_go_to_the_given_publisher() -> None:
+    kv, broker, state, nudges = FakeKV(), FakeBroker(), ClusterState(grace_seconds=3), []
+
+    async def nudge(message: object, subject: str) -> None:
+        nudges.append((message, subject))
+
+    applier = Applier(state, kv, broker, lambda: 4, nudge=nudge)  # type: ignore[arg-type]
+    first, second = spec("t1"), spec("t2").model_copy(update={"env": {"A": "1"}, "memory": 2048})
+    await applier._write_node("n1", [first], set(), now=1.0)
+    await applier._write_node("n1", [second], set(), now=2.0)  # t1's JSON is reused from the cache
+    assert kv.data["n1"].value and NodeAssignments.model_validate_json(kv.data["n1"].value) == state.assignments["n1"][0]
+    assert (await stored(kv, "n1")).tasks == [first, second]
+    await applier._write_node("n1", [], {"t1"}, now=3.0)
+    assert (await stored(kv, "n1")).tasks == [second] and "t1" not in applier._task_json
+
+    assert await applier.restamp(["n1", "n2"]) == ["n1", "n2"]
+    assert [(m.node_id, m.version, m.epoch, s) for m, s in nudges] == [  # type: ignore[attr-defined]
+        ("n1", 4, 4, "comp.node.n1.nudge"), ("n2", 1, 4, "comp.node.n2.nudge")
+    ]
+    assert broker.published == [], "nudges went to the given publisher, not the broker"
+
+
 def test_replacing_assignments_keeps_tasks_that_vanished_visible_as_stopping() -> None:
     state = ClusterState(grace_seconds=3)
     state.load_assignments("n1", NodeAssignments(node_id="n1", tasks=[spec("a"), spec("b")], epoch=3), 4, now=0.0)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from pydantic import BaseModel
 
 from . import subjects
 from .settings import NatsSettings
@@ -24,6 +27,33 @@ def make_broker(settings: NatsSettings, service: str, tracer_provider: TracerPro
         middlewares=[NatsTelemetryMiddleware(tracer_provider=tracer_provider)],
         logger=logging.getLogger(f"{service}.broker"),
     )
+
+
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
+
+RawPublish = Callable[[BaseModel, str], Awaitable[None]]
+
+
+def trace_headers() -> dict[str, str]:
+    """The headers a FastStream publish would carry for a consumer to decode the body and
+    join the current trace: the JSON content type and, inside a trace, ``traceparent``."""
+    headers = {"content-type": "application/json"}
+    _TRACE_CONTEXT.inject(headers)
+    return headers
+
+
+def raw_publisher(broker: NatsBroker) -> RawPublish:
+    """Publish straight on the broker's connection, for messages sent by the thousand.
+
+    Through the broker a message costs ~300 us of CPU (encoding, middlewares, a span of its
+    own); here it is its JSON body and ``trace_headers()``, which is what a consumer
+    (FastStream or a plain subscription) reads, trace included.
+    """
+
+    async def publish(message: BaseModel, subject: str) -> None:
+        await broker.connection.publish(subject, message.model_dump_json().encode(), headers=trace_headers())
+
+    return publish
 
 
 async def ensure_event_stream(broker: NatsBroker, max_age_seconds: float = 7 * 24 * 3600, max_bytes: int = 1024**3) -> None:

@@ -38,7 +38,11 @@ async def put_model(kv: KeyValue, key: str, value: BaseModel, last_revision: int
 
     Raises :class:`ConflictError` when someone else wrote in between.
     """
-    data = value.model_dump_json().encode()
+    return await put_json(kv, key, value.model_dump_json().encode(), last_revision)
+
+
+async def put_json(kv: KeyValue, key: str, data: bytes, last_revision: int | None) -> int:
+    """``put_model`` for a value already serialised (by a caller that caches the parts)."""
     try:
         if last_revision is None:
             return await kv.create(key, data)

@@ -35,6 +35,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from comp_common import subjects
+from comp_common.aio import Slots
+from comp_common.broker import raw_publisher
 from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model
 from comp_common.messages import (
     ControlEvent,
@@ -258,7 +260,7 @@ class Scheduler:
         self.namespaces_kv = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
         self.revisions: Revisions = await open_revisions(self.broker)
         await open_bucket(self.broker, subjects.LEASES_BUCKET, history=1)  # created here, used by the elector
-        self.applier = Applier(self.state, self.assignments_kv, self.broker, self.acting_epoch)
+        self.applier = Applier(self.state, self.assignments_kv, self.broker, self.acting_epoch, nudge=raw_publisher(self.broker))
         await self._load_assignments()
         await self._load_desired()
         self._loops = [
@@ -402,8 +404,10 @@ class Scheduler:
         if epoch is None:
             return Plan()
         now = self.clock()
+        began = time.perf_counter()
         # Built here, on the loop, and immutable: the thread reads nothing the loop changes.
         desired, observed = self.state.desired_view(), self.state.snapshot()
+        snapshot_took = time.perf_counter() - began
         plan = await asyncio.to_thread(
             reconcile,
             desired,
@@ -425,13 +429,23 @@ class Scheduler:
         old_reasons = self.state.pending_reasons
         self.state.touched.update(k for k in old_reasons.keys() | reasons.keys() if old_reasons.get(k) != reasons.get(k))
         self.state.pending_reasons = reasons
+        planned = time.perf_counter()
         if not plan.empty:
             assert self.applier is not None
             await self.applier.apply(plan, now)
             self._dirty_tasks.update(p.task_id for p in plan.places)
+            applied = time.perf_counter()
             log.info(
                 "round applied",
-                extra={"why": why, "places": len(plan.places), "stops": len(plan.stops), "pending": len(plan.pending)},
+                extra={
+                    "why": why, "places": len(plan.places), "stops": len(plan.stops), "pending": len(plan.pending),
+                    # Where a slow round's time went: reading the state, planning, writing.
+                    "seconds": {
+                        "snapshot": round(snapshot_took, 3),
+                        "reconcile": round(planned - began - snapshot_took, 3),
+                        "apply": round(applied - planned, 3),
+                    },
+                },
             )
         elif plan.pending:
             log.info("round: nothing placeable", extra={"why": why, "pending": plan.pending[0].reason})
@@ -604,7 +618,7 @@ class Scheduler:
         ]
         if not todo:
             return
-        slots = asyncio.Semaphore(_REVISION_READS_IN_FLIGHT)
+        slots = Slots(_REVISION_READS_IN_FLIGHT)
 
         async def read(key: str, generation: int) -> None:
             async with slots:
