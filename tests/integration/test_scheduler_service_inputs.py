@@ -152,6 +152,79 @@ async def test_a_burst_of_deployment_events_is_one_round(scheduler, nats_url):
         await broker.stop()
 
 
+async def test_an_applys_events_one_after_another_are_met_by_one_round(scheduler, nats_url):
+    """No round is under way this time: the first event's round waits until the events stop
+    coming (apply_quiet_seconds apart), so a many-deployment apply is one round."""
+    scheduler.settings.scheduler.apply_quiet_seconds = 0.3  # CI machines stall; 20 events come 10 ms apart
+    beater = Beater(nats_url, ["n1", "n2"])
+    nc = await nats.connect(nats_url)
+    broker = NatsBroker(nats_url)
+    await broker.connect()
+    deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
+    assignments = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
+    try:
+        await wait_for(lambda: ready(scheduler, "n1", "n2"), what="nodes ready")
+        rounds: list[tuple[str, int]] = []
+        inner = scheduler._round
+
+        async def counting(why):
+            plan = await inner(why)
+            rounds.append((why, len(plan.places)))
+            return plan
+
+        scheduler._round = counting
+        names = [f"q{i:02d}" for i in range(20)]
+        revisions = {}
+        for name in names:
+            record = DeploymentRecord(
+                deployment=parse_deployments(DEPLOYMENT % name)[0], created_at=time.time(), updated_at=time.time()
+            )
+            revisions[name] = await put_model(deployments, f"default.{name}", record, None)
+        for name in names:
+            event = DeploymentEvent(action="applied", namespace="default", name=name, revision=revisions[name])
+            await nc.publish(subjects.deployment_event("default", name), event.model_dump_json().encode())
+            await asyncio.sleep(0.01)
+
+        async def all_placed():
+            found = await list_models(assignments, NodeAssignments)
+            return sum(len(v.tasks) for v, _ in found.values()) == 20
+
+        await wait_for(all_placed, what="20 tasks placed")
+        burst = [(why, places) for why, places in rounds if "deployment default." in why]
+        assert burst == [(burst[0][0], 20)], rounds
+    finally:
+        beater.close()
+        await nc.close()
+        await broker.stop()
+
+
+async def test_a_deployment_read_older_than_one_already_held_is_dropped(scheduler, nats_url, monkeypatch):
+    """Deployment events are handled several at a time, so two reads of one key can return
+    out of order: the older value must not replace the newer."""
+    import comp_scheduler.service as service
+
+    broker = NatsBroker(nats_url)
+    await broker.connect()
+    deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
+    try:
+        old = DeploymentRecord(deployment=parse_deployments(DEPLOYMENT % "web")[0], created_at=1.0, updated_at=1.0)
+        new = old.model_copy(update={"generation": 2, "updated_at": 2.0})
+        first = await put_model(deployments, "default.web", old, None)
+        await put_model(deployments, "default.web", new, first)
+        event = DeploymentEvent(action="applied", namespace="default", name="web", revision=first)
+        await scheduler.on_deployment_event(event)
+        assert scheduler.state.desired["default.web"].generation == 2
+
+        async def late_read(kv, key, model):
+            return old, first  # the answer to a read sent before the update, arriving after
+
+        monkeypatch.setattr(service, "read_model", late_read)
+        await scheduler.on_deployment_event(event)
+        assert scheduler.state.desired["default.web"].generation == 2, "the stale read was dropped"
+    finally:
+        await broker.stop()
+
+
 async def test_garbage_on_the_raw_subscriptions_is_dropped_and_the_service_keeps_serving(scheduler, nats_url):
     nc = await nats.connect(nats_url)
     try:

@@ -24,13 +24,22 @@ async def open_bucket(broker: NatsBroker, bucket: str, history: int = 10) -> Key
 
 async def get_model(kv: KeyValue, key: str, model: type[M]) -> tuple[M, int] | None:
     """The value and its revision, or None where the key is absent or deleted."""
+    value, revision = await read_model(kv, key, model)
+    return None if value is None else (value, revision)
+
+
+async def read_model(kv: KeyValue, key: str, model: type[M]) -> tuple[M | None, int]:
+    """The value and its revision; for a deleted key None and the deletion's revision, for
+    one never written None and 0.  Readers that may run out of order compare revisions: a
+    value older than one already seen (a deletion included) is stale."""
     try:
         entry = await kv.get(key)
-    except KeyNotFoundError:
-        return None
+    except KeyNotFoundError as exc:
+        deleted = getattr(exc, "entry", None)
+        return None, (deleted.revision or 0) if deleted is not None else 0
     if entry.value is None or entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE")):
-        return None
-    return model.model_validate_json(entry.value), entry.revision
+        return None, entry.revision or 0
+    return model.model_validate_json(entry.value), entry.revision or 0
 
 
 async def put_model(kv: KeyValue, key: str, value: BaseModel, last_revision: int | None) -> int:

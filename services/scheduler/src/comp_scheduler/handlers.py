@@ -32,12 +32,15 @@ log = logging.getLogger("scheduler.handlers")
 _PENDING_MESSAGES = 1_000_000
 _PENDING_BYTES = 1024**3
 M = TypeVar("M", bound=BaseModel)
+DEPLOYMENT_EVENT_WORKERS = 16
 
 
 def build_router(scheduler: Scheduler) -> NatsRouter:
     router = NatsRouter()
 
-    @router.subscriber(subjects.DEPLOYMENT_EVENTS)
+    # Several at a time: each reads its record back, and one after another a 100-deployment
+    # apply took seconds on a busy loop to reach the round it asked for.
+    @router.subscriber(subjects.DEPLOYMENT_EVENTS, max_workers=DEPLOYMENT_EVENT_WORKERS)
     async def deployment_changed(event: DeploymentEvent) -> None:
         await scheduler.on_deployment_event(event)
 

@@ -37,7 +37,7 @@ from opentelemetry import trace
 from comp_common import subjects
 from comp_common.aio import Slots
 from comp_common.broker import raw_publisher
-from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model
+from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model, read_model
 from comp_common.messages import (
     ControlEvent,
     DeploymentEvent,
@@ -74,6 +74,8 @@ _REVISION_READS_IN_FLIGHT = 32
 # A wake-up round runs this long after the step's wake_at, so that the clock has passed it.
 _WAKE_SLACK_SECONDS = 0.05
 _ASK_TASKS = "tasks changed"
+# The longest a round asked for by deployment events waits for more of them.
+_APPLY_WAIT_MAX_SECONDS = 1.0
 _MOVED_ON = object()
 
 
@@ -141,7 +143,13 @@ class Scheduler:
         self._failure_handled: dict[str, int] = {}
         # A round for task changes is asked for (not yet taken by a round), and when the last was.
         self._tasks_asked = False
+        # When the last round ended, and how long it took (see _ask_tasks).
         self._tasks_round_at = 0.0
+        self._round_took = 0.0
+        # Deployment events handled so far: a round they asked for waits until they stop coming.
+        self._deployment_events = 0
+        # The KV revision each deployment's record in state.desired was read at.
+        self._desired_revisions: dict[str, int] = {}
 
     # ---- leadership --------------------------------------------------------------------
     def acting_epoch(self) -> int | None:
@@ -309,16 +317,23 @@ class Scheduler:
 
     # ---- inputs ------------------------------------------------------------------------
     async def on_deployment_event(self, event: DeploymentEvent) -> None:
+        """Handled several at a time (see handlers): a read that returns after a newer one of
+        the same key is stale and dropped, by its revision."""
         key = subjects.deployment_key(event.namespace, event.name)
-        found = await get_model(self.deployments_kv, key, DeploymentRecord)
-        if found is None:
+        record, revision = await read_model(self.deployments_kv, key, DeploymentRecord)
+        if revision and revision < self._desired_revisions.get(key, 0):
+            pass
+        elif record is None:
+            self._desired_revisions[key] = revision
             if self.state.desired.pop(key, None) is not None:
                 self._gone_deployments.add(key)
             self._forget(key)
         else:
-            self.state.desired[key] = found[0]
+            self._desired_revisions[key] = revision
+            self.state.desired[key] = record
             self.state.touched.add(key)
-            await self._refresh_settled({key: found[0]})
+            await self._refresh_settled({key: record})
+        self._deployment_events += 1
         if self.leading:  # a standby only keeps its state current
             self.want_round(f"deployment {key} {event.action}", otel_context.get_current())
 
@@ -377,12 +392,16 @@ class Scheduler:
 
     def _ask_tasks(self) -> None:
         """Ask for a round for task changes: once however many come before it runs, and no
-        sooner than ``task_round_seconds`` after the last such round, so that a rollout of
-        thousands of tasks coming up one by one costs a round per interval, not per task."""
+        sooner than ``task_round_seconds`` after the last round ended, so that a rollout of
+        thousands of tasks coming up one by one costs a round per interval, not per task.
+        Nor sooner than the last round took: at 100,000 tasks a round takes a second or two,
+        and back to back they left too little of the loop for the heartbeats and statuses
+        coming in, until the scheduler was seconds behind and judged nodes on stale news."""
         if self._tasks_asked:
             return
         self._tasks_asked = True
-        delay = self._tasks_round_at + self.settings.scheduler.task_round_seconds - time.monotonic()
+        gap = max(self.settings.scheduler.task_round_seconds, self._round_took)
+        delay = self._tasks_round_at + gap - time.monotonic()
         if delay <= 0:
             self.want_round(_ASK_TASKS)
         else:
@@ -632,24 +651,44 @@ class Scheduler:
 
         await asyncio.gather(*(read(key, generation) for key, generation in todo))
 
+    async def _applies_landed(self) -> None:
+        """Wait while deployment events keep coming, ``apply_quiet_seconds`` apart at most (for
+        a second at most in all).  An apply of many deployments stores them one by one, and each
+        event asks for a round: at 5,000 nodes each round writes every node's assignments
+        (every deployment spreads over all of them), so 100 deployments met by 7 rounds were
+        35,000 writes where one round needs 5,000."""
+        quiet = self.settings.scheduler.apply_quiet_seconds
+        if quiet <= 0:
+            return
+        give_up = time.monotonic() + _APPLY_WAIT_MAX_SECONDS
+        while time.monotonic() < give_up:
+            seen = self._deployment_events
+            await asyncio.sleep(quiet)
+            if self._deployment_events == seen:
+                return
+
     async def _kicked_rounds(self) -> None:
         while True:
             await self._kick.wait()
+            if any(why.startswith("deployment ") for why, _ in self._wanted):
+                await self._applies_landed()
             async with self._lock:
                 # Taken under the lock: whatever asks while a round runs is the next round's.
                 self._kick.clear()
                 wanted, self._wanted = self._wanted, []
                 if any(why == _ASK_TASKS for why, _ in wanted):
                     self._tasks_asked = False
-                    self._tasks_round_at = time.monotonic()
                 if not self.leading:
                     continue
                 why, parent, links = _round_origin(wanted)
+                started = time.monotonic()
                 with tracer.start_as_current_span("scheduler.round", context=parent, links=links):
                     try:
                         await self._round(why)
                     except Exception:
                         log.exception("reconcile round failed; will retry on the next change or resync")
+                self._tasks_round_at = time.monotonic()
+                self._round_took = self._tasks_round_at - started
 
     async def _resync(self) -> None:
         await self._load_desired()
@@ -718,6 +757,7 @@ class Scheduler:
         await self._load_namespaces()
         records = await list_models(self.deployments_kv, DeploymentRecord)
         fresh = {key: rec for key, (rec, _) in records.items()}
+        self._desired_revisions.update((key, revision) for key, (_, revision) in records.items())
         gone = set(self.state.desired) - set(fresh)
         self._gone_deployments.update(gone)
         for key in gone:
