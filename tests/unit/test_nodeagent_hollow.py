@@ -336,3 +336,29 @@ def test_fleet_heartbeats_are_what_model_dump_json_writes_with_the_task_list_ser
     assert fleet._heartbeat_json(changed) == changed.model_dump_json().encode()
     empty = beat.model_copy(update={"seq": 4, "tasks": []})
     assert fleet._heartbeat_json(empty) == empty.model_dump_json().encode()
+
+
+async def test_the_fleet_clock_acts_on_every_running_agent_each_period_and_skips_the_others() -> None:
+    from types import SimpleNamespace
+
+    from comp_nodeagent.main import run_on_a_clock
+
+    agents = [SimpleNamespace(node_id=f"n{i}", running=i != 3) for i in range(10)]
+    acted: list[str] = []
+
+    async def act(agent) -> None:
+        acted.append(agent.node_id)
+
+    clock = asyncio.create_task(run_on_a_clock(agents, 0.1, act))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(_until(lambda: acted.count("n9") >= 3), 10)
+    finally:
+        clock.cancel()
+    turns = [acted[i : i + 9] for i in range(0, 27, 9)]
+    expected = [f"n{i}" for i in range(10) if i != 3]
+    assert turns == [expected] * 3, "each period every running agent once, in order; n3 never"
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)

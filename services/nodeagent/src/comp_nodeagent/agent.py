@@ -280,8 +280,15 @@ class Agent:
         driver: RuntimeDriver,
         load_assignments: LoadAssignments,
         publish: Publish,
+        own_clock: bool = True,
     ):
+        """``own_clock`` False: the caller sends the heartbeats (``beat``) and asks for the
+        resyncs (``resync``) on its own schedule, as a fleet of hollow agents does for all
+        of them at once rather than with two timers per agent."""
         self.settings = settings
+        self._own_clock = own_clock
+        # Started and not stopped: it heartbeats and acts.
+        self.running = False
         self.node_id = settings.node_id
         self.heartbeat_seconds = heartbeat_seconds
         self.driver = driver
@@ -381,11 +388,13 @@ class Agent:
         )
         # The watch asks for a pass of its own once connected, so no death goes unseen.
         self._watch = await self.driver.watch(self._on_runtime_event)
-        self._loops = [
-            asyncio.create_task(self._run_requested_passes(), name="nodeagent-passes"),
-            asyncio.create_task(self._heartbeat_loop(), name="nodeagent-heartbeat"),
-            asyncio.create_task(self._resync_loop(), name="nodeagent-resync"),
-        ]
+        self._loops = [asyncio.create_task(self._run_requested_passes(), name="nodeagent-passes")]
+        if self._own_clock:
+            self._loops += [
+                asyncio.create_task(self._heartbeat_loop(), name="nodeagent-heartbeat"),
+                asyncio.create_task(self._resync_loop(), name="nodeagent-resync"),
+            ]
+        self.running = True
         self.request_reconcile("agent started")
         log.info("node agent started", extra={"node_id": self.node_id, "driver": self.driver.name})
 
@@ -393,6 +402,7 @@ class Agent:
         """Stop reconciling and reporting.  Containers keep running: the next agent adopts them."""
         # Nudges can still arrive until the broker closes, after this: they must act no more.
         self._stopping = True
+        self.running = False
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -544,18 +554,25 @@ class Agent:
                 except Exception:
                     log.exception("reconcile pass failed")
 
+    def resync(self) -> None:
+        """Have the periodic repairing pass run (see ``own_clock``)."""
+        self.request_reconcile(_RESYNC)
+
+    async def beat(self) -> None:
+        """Publish the next heartbeat (see ``own_clock``)."""
+        try:
+            await self._publish(self.heartbeat(), subjects.node_heartbeat(self.node_id))
+        except Exception:
+            log.warning("could not publish heartbeat", exc_info=True)
+
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
-            self.request_reconcile(_RESYNC)
+            self.resync()
 
     async def _heartbeat_loop(self) -> None:
-        subject = subjects.node_heartbeat(self.node_id)
         while True:
-            try:
-                await self._publish(self.heartbeat(), subject)
-            except Exception:
-                log.warning("could not publish heartbeat", exc_info=True)
+            await self.beat()
             await asyncio.sleep(self.heartbeat_seconds)
 
     def _on_runtime_event(self, task_id: str | None) -> None:

@@ -75,7 +75,7 @@ _REVISION_READS_IN_FLIGHT = 32
 _WAKE_SLACK_SECONDS = 0.05
 _ASK_TASKS = "tasks changed"
 # The longest a round asked for by deployment events waits for more of them.
-_APPLY_WAIT_MAX_SECONDS = 1.0
+_APPLY_WAIT_MAX_SECONDS = 2.0
 _MOVED_ON = object()
 
 
@@ -146,8 +146,10 @@ class Scheduler:
         # When the last round ended, and how long it took (see _ask_tasks).
         self._tasks_round_at = 0.0
         self._round_took = 0.0
-        # Deployment events handled so far: a round they asked for waits until they stop coming.
+        # Deployment events taken so far, and those being handled: a round they asked for waits
+        # until they stop coming and are all handled.
         self._deployment_events = 0
+        self._deployment_events_handling = 0
         # The KV revision each deployment's record in state.desired was read at.
         self._desired_revisions: dict[str, int] = {}
 
@@ -319,6 +321,14 @@ class Scheduler:
     async def on_deployment_event(self, event: DeploymentEvent) -> None:
         """Handled several at a time (see handlers): a read that returns after a newer one of
         the same key is stale and dropped, by its revision."""
+        self._deployment_events += 1
+        self._deployment_events_handling += 1
+        try:
+            await self._take_deployment_event(event)
+        finally:
+            self._deployment_events_handling -= 1
+
+    async def _take_deployment_event(self, event: DeploymentEvent) -> None:
         key = subjects.deployment_key(event.namespace, event.name)
         record, revision = await read_model(self.deployments_kv, key, DeploymentRecord)
         if revision and revision < self._desired_revisions.get(key, 0):
@@ -333,7 +343,6 @@ class Scheduler:
             self.state.desired[key] = record
             self.state.touched.add(key)
             await self._refresh_settled({key: record})
-        self._deployment_events += 1
         if self.leading:  # a standby only keeps its state current
             self.want_round(f"deployment {key} {event.action}", otel_context.get_current())
 
@@ -394,13 +403,14 @@ class Scheduler:
         """Ask for a round for task changes: once however many come before it runs, and no
         sooner than ``task_round_seconds`` after the last round ended, so that a rollout of
         thousands of tasks coming up one by one costs a round per interval, not per task.
-        Nor sooner than the last round took: at 100,000 tasks a round takes a second or two,
-        and back to back they left too little of the loop for the heartbeats and statuses
-        coming in, until the scheduler was seconds behind and judged nodes on stale news."""
+        Nor sooner than twice what the last round took: at 100,000 tasks a round takes a
+        second or two, and back to back they left too little of the process for the
+        heartbeats and statuses coming in, until the scheduler was seconds behind and judged
+        nodes on stale news.  So at most a third of the time goes to such rounds."""
         if self._tasks_asked:
             return
         self._tasks_asked = True
-        gap = max(self.settings.scheduler.task_round_seconds, self._round_took)
+        gap = max(self.settings.scheduler.task_round_seconds, 2 * self._round_took)
         delay = self._tasks_round_at + gap - time.monotonic()
         if delay <= 0:
             self.want_round(_ASK_TASKS)
@@ -652,8 +662,8 @@ class Scheduler:
         await asyncio.gather(*(read(key, generation) for key, generation in todo))
 
     async def _applies_landed(self) -> None:
-        """Wait while deployment events keep coming, ``apply_quiet_seconds`` apart at most (for
-        a second at most in all).  An apply of many deployments stores them one by one, and each
+        """Wait while deployment events keep coming, ``apply_quiet_seconds`` apart at most, or
+        are being handled (for two seconds at most in all).  An apply of many deployments stores them one by one, and each
         event asks for a round: at 5,000 nodes each round writes every node's assignments
         (every deployment spreads over all of them), so 100 deployments met by 7 rounds were
         35,000 writes where one round needs 5,000."""
@@ -664,7 +674,7 @@ class Scheduler:
         while time.monotonic() < give_up:
             seen = self._deployment_events
             await asyncio.sleep(quiet)
-            if self._deployment_events == seen:
+            if self._deployment_events == seen and not self._deployment_events_handling:
                 return
 
     async def _kicked_rounds(self) -> None:

@@ -45,7 +45,7 @@ class SchedulerGroup(BaseModel):
     # to come up or be ready) run at most this often.
     task_round_seconds: float = Field(default=0.1, ge=0)
     # A round asked for by deployment events starts once none has come for this long (at
-    # most a second after the first): an apply of many deployments is one round.
+    # most two seconds after the first): an apply of many deployments is one round.
     apply_quiet_seconds: float = Field(default=0.05, ge=0)
     rebalance: RebalanceGroup = RebalanceGroup()
 
