@@ -102,100 +102,87 @@ def ready(scheduler, *node_ids):
     return all((e := scheduler.state.nodes.get(n)) is not None and e.status is NodeStatus.READY for n in node_ids)
 
 
-async def test_a_burst_of_deployment_events_is_one_round(scheduler, nats_url):
-    beater = Beater(nats_url, ["n1", "n2"])
-    nc = await nats.connect(nats_url)
-    broker = NatsBroker(nats_url)
-    await broker.connect()
-    deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
-    assignments = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
-    try:
-        await wait_for(lambda: ready(scheduler, "n1", "n2"), what="nodes ready")
-        rounds: list[tuple[str, int]] = []
+class Burst:
+    """Two beating nodes, deployments stored and announced as the API does, and every round
+    the scheduler runs from here on, with what it placed."""
+
+    def __init__(self, scheduler, nc, deployments, assignments):
+        self.scheduler, self.nc, self.deployments, self.assignments = scheduler, nc, deployments, assignments
+        self.rounds: list[tuple[str, int]] = []
         inner = scheduler._round
 
         async def counting(why):
             plan = await inner(why)
-            rounds.append((why, len(plan.places)))
+            self.rounds.append((why, len(plan.places)))
             return plan
 
         scheduler._round = counting
-        names = [f"d{i:02d}" for i in range(20)]
-        # A round under way (held here) while the whole burst arrives: the next round takes it all.
-        async with scheduler._lock:
-            for name in names:
-                record = DeploymentRecord(
-                    deployment=parse_deployments(DEPLOYMENT % name)[0], created_at=time.time(), updated_at=time.time()
-                )
-                rev = await put_model(deployments, f"default.{name}", record, None)
-                event = DeploymentEvent(action="applied", namespace="default", name=name, revision=rev)
-                await nc.publish(subjects.deployment_event("default", name), event.model_dump_json().encode())
-            # Handled to the end: a handler asks for its round only after reading the record
-            # (and the revisions) back, so a full ``desired`` alone could leave one ask to come.
-            await wait_for(
-                lambda: sum(why.startswith("deployment default.") for why, _ in scheduler._wanted) == 20,
-                what="every event handled and its round asked for",
-            )
+
+    async def store(self, name: str) -> int:
+        record = DeploymentRecord(deployment=parse_deployments(DEPLOYMENT % name)[0], created_at=time.time(), updated_at=time.time())
+        return await put_model(self.deployments, f"default.{name}", record, None)
+
+    async def announce(self, name: str, revision: int) -> None:
+        event = DeploymentEvent(action="applied", namespace="default", name=name, revision=revision)
+        await self.nc.publish(subjects.deployment_event("default", name), event.model_dump_json().encode())
+
+    async def wait_placed(self, count: int) -> list[tuple[str, int]]:
+        """The rounds that deployment events asked for, once ``count`` tasks are placed."""
 
         async def all_placed():
-            found = await list_models(assignments, NodeAssignments)
-            return sum(len(v.tasks) for v, _ in found.values()) == 20
+            found = await list_models(self.assignments, NodeAssignments)
+            return sum(len(v.tasks) for v, _ in found.values()) == count
 
-        await wait_for(all_placed, what="20 tasks placed")
-        burst = [(why, places) for why, places in rounds if "deployment default." in why]
-        assert len(burst) == 1, rounds
-        why, places = burst[0]
-        assert places == 20 and why.endswith("and 15 more")
+        await wait_for(all_placed, what=f"{count} tasks placed")
+        return [(why, places) for why, places in self.rounds if "deployment default." in why]
+
+
+@pytest.fixture
+async def burst(scheduler, nats_url):
+    beater = Beater(nats_url, ["n1", "n2"])
+    nc = await nats.connect(nats_url)
+    broker = NatsBroker(nats_url)
+    await broker.connect()
+    try:
+        deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
+        assignments = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
+        await wait_for(lambda: ready(scheduler, "n1", "n2"), what="nodes ready")
+        yield Burst(scheduler, nc, deployments, assignments)
     finally:
         beater.close()
         await nc.close()
         await broker.stop()
 
 
-async def test_an_applys_events_one_after_another_are_met_by_one_round(scheduler, nats_url):
+async def test_a_burst_of_deployment_events_is_one_round(scheduler, burst):
+    names = [f"d{i:02d}" for i in range(20)]
+    # A round under way (held here) while the whole burst arrives: the next round takes it all.
+    async with scheduler._lock:
+        for name in names:
+            await burst.announce(name, await burst.store(name))
+        # Handled to the end: a handler asks for its round only after reading the record
+        # (and the revisions) back, so a full ``desired`` alone could leave one ask to come.
+        await wait_for(
+            lambda: sum(why.startswith("deployment default.") for why, _ in scheduler._wanted) == 20,
+            what="every event handled and its round asked for",
+        )
+    rounds = await burst.wait_placed(20)
+    assert len(rounds) == 1, burst.rounds
+    why, places = rounds[0]
+    assert places == 20 and why.endswith("and 15 more")
+
+
+async def test_an_applys_events_one_after_another_are_met_by_one_round(scheduler, burst):
     """No round is under way this time: the first event's round waits until the events stop
     coming (apply_quiet_seconds apart), so a many-deployment apply is one round."""
     scheduler.settings.scheduler.apply_quiet_seconds = 0.3  # CI machines stall; 20 events come 10 ms apart
-    beater = Beater(nats_url, ["n1", "n2"])
-    nc = await nats.connect(nats_url)
-    broker = NatsBroker(nats_url)
-    await broker.connect()
-    deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
-    assignments = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
-    try:
-        await wait_for(lambda: ready(scheduler, "n1", "n2"), what="nodes ready")
-        rounds: list[tuple[str, int]] = []
-        inner = scheduler._round
-
-        async def counting(why):
-            plan = await inner(why)
-            rounds.append((why, len(plan.places)))
-            return plan
-
-        scheduler._round = counting
-        names = [f"q{i:02d}" for i in range(20)]
-        revisions = {}
-        for name in names:
-            record = DeploymentRecord(
-                deployment=parse_deployments(DEPLOYMENT % name)[0], created_at=time.time(), updated_at=time.time()
-            )
-            revisions[name] = await put_model(deployments, f"default.{name}", record, None)
-        for name in names:
-            event = DeploymentEvent(action="applied", namespace="default", name=name, revision=revisions[name])
-            await nc.publish(subjects.deployment_event("default", name), event.model_dump_json().encode())
-            await asyncio.sleep(0.01)
-
-        async def all_placed():
-            found = await list_models(assignments, NodeAssignments)
-            return sum(len(v.tasks) for v, _ in found.values()) == 20
-
-        await wait_for(all_placed, what="20 tasks placed")
-        burst = [(why, places) for why, places in rounds if "deployment default." in why]
-        assert burst == [(burst[0][0], 20)], rounds
-    finally:
-        beater.close()
-        await nc.close()
-        await broker.stop()
+    names = [f"q{i:02d}" for i in range(20)]
+    revisions = {name: await burst.store(name) for name in names}
+    for name in names:
+        await burst.announce(name, revisions[name])
+        await asyncio.sleep(0.01)
+    rounds = await burst.wait_placed(20)
+    assert rounds == [(rounds[0][0], 20)], burst.rounds
 
 
 async def test_a_deployment_read_older_than_one_already_held_is_dropped(scheduler, nats_url, monkeypatch):
