@@ -322,8 +322,12 @@ def test_converged_never_more_than_desired_and_then_stable(world, seed):
     for key, count in per_deployment.items():
         assert key in want and count <= want[key].spec.replicas
     # A converged world plans nothing. Preemption can take a round per priority level, as a
-    # preempted deployment may in turn preempt one of lower priority.
-    assert plans[-1].empty and len(plans) <= 6
+    # preempted deployment may in turn preempt one of lower priority; and once a rolling
+    # update or a preemption frees room, rebalancing moves one replica of a deployment a
+    # round, up to half its replicas (Hypothesis found 7 rounds: a 6-replica rollout off a
+    # full node, then 3 moves back onto it).
+    most = max((w.spec.replicas for w in want.values()), default=0)
+    assert plans[-1].empty and len(plans) <= 6 + most // 2
 
 
 @settings(max_examples=300, deadline=None)
