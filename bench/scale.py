@@ -111,8 +111,9 @@ class Cluster:
     def ready_nodes(self) -> int:
         assert self.redis is not None
         now = time.time()
-        raw = self.redis.hgetall(f"comp:{self.config.cluster}:nodes")
-        return sum(now - json.loads(v)["last_heartbeat"] <= self.config.grace_seconds for v in raw.values())
+        # Each node's latest heartbeat time (its record is written only when it changes).
+        seen = self.redis.hvals(f"comp:{self.config.cluster}:nodes:seen")
+        return sum(now - float(v) <= self.config.grace_seconds for v in seen)
 
     def totals(self) -> tuple[int, int]:
         """(placed, running) over every deployment, from the scheduler's summaries."""

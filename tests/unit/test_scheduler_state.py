@@ -8,7 +8,7 @@ import pytest
 
 from comp_common.manifest import parse_deployments
 from comp_common.messages import (
-    Capacity, DeploymentRecord, Heartbeat, NodeAssignments, Taint, TaskSpec, TaskState, TaskStatus,
+    Capacity, DeploymentRecord, Heartbeat, NodeAssignments, NodeControl, Taint, TaskSpec, TaskState, TaskStatus,
 )
 from comp_common.observed import NodeRecord
 from comp_scheduler.model import NodeStatus
@@ -82,6 +82,41 @@ def test_liveness_settings_out_of_range_are_refused_with_their_name(monkeypatch,
 
 
 # ---- liveness: one deadline per node, checked only when due ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, same_record",
+    [
+        ({}, True),  # only the time moved
+        ({"seq": 9, "sent_at": 5.0, "full": False}, True),
+        ({"allocated": Capacity(cpu=1, memory=1024)}, False),
+        ({"capacity": Capacity(cpu=8, memory=8 * 1024**3)}, False),
+        ({"labels": {"zone": "b"}}, False),
+        ({"taints": [Taint(key="spot")]}, False),
+        ({"address": "10.0.0.2"}, False),
+        ({"task_count": 3}, False),
+    ],
+)
+def test_a_heartbeat_that_repeats_the_last_keeps_its_record_and_snapshot_node(change, same_record):
+    state = ClusterState(grace_seconds=3)
+    state.record_heartbeat(heartbeat(), now=1.0)
+    record, node = state.nodes["n1"].record, state.snapshot().nodes["n1"]
+    state.record_heartbeat(heartbeat().model_copy(update=change), now=2.0)
+    assert state.nodes["n1"].record.last_heartbeat == 2.0
+    assert (state.nodes["n1"].record is record) is same_record
+    assert (state.snapshot().nodes["n1"] is node) is same_record
+
+
+def test_the_snapshot_node_follows_status_and_control_changes():
+    state = ClusterState(grace_seconds=3)
+    state.record_heartbeat(heartbeat(), now=1.0)
+    node = state.snapshot().nodes["n1"]
+    state.node_controls["n1"] = NodeControl(node_id="n1", cordoned=True, updated_at=1.0)
+    cordoned = state.snapshot().nodes["n1"]
+    assert cordoned is not node and cordoned.cordoned and not node.cordoned
+    state.refresh_liveness(10.0)
+    down = state.snapshot().nodes["n1"]
+    assert down.status is NodeStatus.DOWN and down.cordoned
 
 
 def beat(node_id: str, tasks=()) -> Heartbeat:

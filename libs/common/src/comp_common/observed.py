@@ -6,7 +6,7 @@ the only copy of something a user asked for.  The scheduler writes, the API read
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import redis.asyncio as aioredis
 from typing import TypeVar
@@ -31,6 +31,19 @@ class NodeRecord(Message):
     tasks: int = 0
     # The scheduler declared it down before its grace ran out (its pings found no agent).
     down: bool = False
+
+    def describes(self, hb: Heartbeat) -> bool:
+        """Whether this record already says all ``hb`` says, but for the time: most
+        heartbeats repeat the last one, and need only their time written."""
+        return (
+            self.driver == hb.driver
+            and self.address == hb.address
+            and self.capacity == hb.capacity
+            and self.allocated == hb.allocated
+            and self.labels == hb.labels
+            and self.taints == hb.taints
+            and self.tasks == (hb.task_count if hb.task_count is not None else len(hb.tasks))
+        )
 
     @classmethod
     def from_heartbeat(cls, hb: Heartbeat, received_at: float) -> "NodeRecord":
@@ -73,6 +86,9 @@ class ObservedStore:
     def __init__(self, client: aioredis.Redis, cluster: str):
         self.r = client
         self._nodes = f"comp:{cluster}:nodes"
+        # node id -> when its last heartbeat was handled: written for every heartbeat, where
+        # a node's record is written only when something else about it changed.
+        self._node_seen = f"comp:{cluster}:nodes:seen"
         self._tasks = f"comp:{cluster}:tasks"
         self._deployments = f"comp:{cluster}:deployments"
         self._scheduler_leader = f"comp:{cluster}:scheduler:leader"
@@ -82,8 +98,22 @@ class ObservedStore:
         if mapping:
             await self.r.hset(self._nodes, mapping=mapping)
 
+    async def put_node_seen(self, seen: Mapping[str, float]) -> None:
+        if seen:
+            await self.r.hset(self._node_seen, mapping={node: repr(at) for node, at in seen.items()})
+
     async def list_nodes(self) -> list[NodeRecord]:
-        return _decode(await self.r.hgetall(self._nodes), NodeRecord)
+        """Every node's record, with its latest heartbeat time."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._nodes)
+            pipe.hgetall(self._node_seen)
+            raw, seen = await pipe.execute()
+        records = _decode(raw, NodeRecord)
+        for record in records:
+            at = seen.get(record.node_id.encode()) or seen.get(record.node_id)
+            if at is not None and float(at) > record.last_heartbeat:
+                record.last_heartbeat = float(at)
+        return records
 
     async def put_tasks(self, statuses: Iterable[TaskStatus]) -> None:
         mapping = {s.task_id: s.model_dump_json() for s in statuses}

@@ -115,7 +115,8 @@ class Scheduler:
         self.inputs: Sequence[Subscription] = ()
         self._echo: Subscription | None = None
         self._echoes: dict[str, asyncio.Future[None]] = {}
-        self._dirty_nodes: set[str] = set()
+        self._dirty_nodes: set[str] = set()  # records to write
+        self._seen_nodes: set[str] = set()  # heartbeat times to write
         self._dirty_tasks: set[str] = set()
         self._gone_tasks: set[str] = set()
         self._gone_deployments: set[str] = set()
@@ -350,10 +351,14 @@ class Scheduler:
         # What the changed statuses were before: a heartbeat repairs a missed event, and
         # that event may have been one a round waits for.
         before: dict[str, TaskStatus | None] = {}
+        known = self.state.nodes.get(hb.node_id)
+        record_before = known.record if known is not None else None
         became_ready, changed, gone = self.state.record_heartbeat(hb, self.clock(), before)
         if changed and self.leading and any(self._status_moves_rounds(before.get(s.task_id), s) for s in changed):
             self._ask_tasks()
-        self._dirty_nodes.add(hb.node_id)
+        if became_ready or self.state.nodes[hb.node_id].record is not record_before:
+            self._dirty_nodes.add(hb.node_id)
+        self._seen_nodes.add(hb.node_id)
         self._dirty_tasks.update(s.task_id for s in changed)
         self._gone_tasks.update(gone)
         if changed or gone or became_ready:
@@ -908,12 +913,14 @@ class Scheduler:
             # The leader's picture is the one in Redis; on taking over, ours is written whole
             # and what it lacks is swept, so nothing needs remembering meanwhile.
             self._dirty_nodes.clear()
+            self._seen_nodes.clear()
             self._dirty_tasks.clear()
             self._gone_tasks.clear()
             self._gone_deployments.clear()
             self.state.take_touched()
             return
         nodes = [self.state.shown_record(e) for n in self._dirty_nodes if (e := self.state.nodes.get(n)) and e.record]
+        seen = {n: e.record.last_heartbeat for n in self._seen_nodes if (e := self.state.nodes.get(n)) and e.record}
         tasks = [s for t in self._dirty_tasks if (s := self.state.statuses.get(t))]
         gone_tasks, gone_deployments = set(self._gone_tasks), set(self._gone_deployments)
         # Taken with the tasks, before any await: a summary computed after the writes could
@@ -923,11 +930,13 @@ class Scheduler:
         touched = self.state.take_touched()
         summaries = self.state.deployment_statuses(self.clock(), touched)
         self._dirty_nodes.clear()
+        self._seen_nodes.clear()
         self._dirty_tasks.clear()
         self._gone_tasks.clear()
         self._gone_deployments.clear()
         try:
             await self.store.put_nodes(nodes)
+            await self.store.put_node_seen(seen)
             await self.store.put_tasks(tasks)
             await self.store.delete_tasks(gone_tasks)
             await self.store.put_deployment_statuses(summaries)
@@ -935,6 +944,7 @@ class Scheduler:
         except Exception as exc:
             # Keep what was not written for the next flush; Redis may be back by then.
             self._dirty_nodes.update(n.node_id for n in nodes)
+            self._seen_nodes.update(seen)
             self._dirty_tasks.update(s.task_id for s in tasks)
             self._gone_tasks.update(gone_tasks)
             self._gone_deployments.update(gone_deployments)

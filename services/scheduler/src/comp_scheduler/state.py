@@ -97,6 +97,8 @@ class ClusterState:
     # node id -> (its assignments value, Task values built from it), reused by snapshot()
     # while the value is the same object.
     _tasks_of: dict[str, tuple[NodeAssignments, dict[str, Task]]] = field(init=False, repr=False, default_factory=dict)
+    # node id -> (record, status, control, the Node built from them): see snapshot.
+    _node_of: dict[str, tuple[NodeRecord | None, NodeStatus, NodeControl | None, Node]] = field(init=False, repr=False, default_factory=dict)
     # node id -> its assigned task ids, asked for on every heartbeat
     _ids_of: dict[str, frozenset[str]] = field(init=False, repr=False, default_factory=dict)
 
@@ -163,7 +165,12 @@ class ClusterState:
         ``before``, fills it with what each changed status replaced (None: there was none)."""
         entry = self.node_entry(hb.node_id, now)
         was_ready = entry.status is NodeStatus.READY
-        entry.record = NodeRecord.from_heartbeat(hb, now)
+        if entry.record is not None and entry.record.describes(hb):
+            # The same record, a new time: its identity stays, which the snapshot's cache of
+            # Node values relies on, and only the time is written to Redis.
+            entry.record.last_heartbeat = now
+        else:
+            entry.record = NodeRecord.from_heartbeat(hb, now)
         entry.status = NodeStatus.READY
         if hb.node_id not in self._queued:  # it was down: it can go down again
             self._queue_deadline(hb.node_id, now + self.grace_seconds)
@@ -419,18 +426,28 @@ class ClusterState:
 
     def snapshot(self) -> Observed:
         nodes = {}
+        node_of = self._node_of
         for node_id, entry in self.nodes.items():
-            record = entry.record
-            nodes[node_id] = Node(
+            record, control = entry.record, self.node_controls.get(node_id)
+            cached = node_of.get(node_id)
+            # A record is replaced when anything but its time changes (record_heartbeat), and
+            # a control when it is set: by identity, the Node of an unchanged node is reused.
+            if cached is not None and cached[0] is record and cached[1] is entry.status and cached[2] is control:
+                nodes[node_id] = cached[3]
+                continue
+            node = nodes[node_id] = Node(
                 node_id=node_id,
                 status=entry.status,
                 cpu=record.capacity.cpu if record else 0.0,
                 memory=record.capacity.memory if record else 0,
                 labels=MappingProxyType(dict(record.labels)) if record else MappingProxyType({}),
                 taints=frozenset(Taint(t.key, t.value, t.effect) for t in record.taints) if record else frozenset(),
-                cordoned=control.cordoned if (control := self.node_controls.get(node_id)) else False,
+                cordoned=control.cordoned if control else False,
                 draining=control.draining if control else False,
             )
+            node_of[node_id] = (record, entry.status, control, node)
+        for node_id in [n for n in node_of if n not in self.nodes]:
+            del node_of[node_id]
         tasks: dict[str, Task] = {}
         statuses = self.statuses
         for node_id, (value, _) in self.assignments.items():
