@@ -32,15 +32,14 @@ log = logging.getLogger("scheduler.handlers")
 _PENDING_MESSAGES = 1_000_000
 _PENDING_BYTES = 1024**3
 M = TypeVar("M", bound=BaseModel)
-DEPLOYMENT_EVENT_WORKERS = 16
 
 
 def build_router(scheduler: Scheduler) -> NatsRouter:
     router = NatsRouter()
 
-    # Several at a time: each reads its record back, and one after another a 100-deployment
-    # apply took seconds on a busy loop to reach the round it asked for.
-    @router.subscriber(subjects.DEPLOYMENT_EVENTS, max_workers=DEPLOYMENT_EVENT_WORKERS)
+    # One at a time.  FastStream's max_workers was tried here (each handler reads its record
+    # back), and a scheduler's shutdown then hung once in CI in the subscriber's stop.
+    @router.subscriber(subjects.DEPLOYMENT_EVENTS)
     async def deployment_changed(event: DeploymentEvent) -> None:
         await scheduler.on_deployment_event(event)
 

@@ -320,8 +320,8 @@ class Scheduler:
 
     # ---- inputs ------------------------------------------------------------------------
     async def on_deployment_event(self, event: DeploymentEvent) -> None:
-        """Handled several at a time (see handlers): a read that returns after a newer one of
-        the same key is stale and dropped, by its revision."""
+        """A read that returns older than one already taken (by KV revision) is dropped: the
+        periodic resync reads records too, and either may finish last."""
         self._deployment_events += 1
         self._deployment_events_handling += 1
         try:
