@@ -228,7 +228,7 @@ INVALID = [
         manifest("image: x\nenv: {A: }"), "spec.env.A", "environment value is empty (null); write '' for an empty string", id="env-null",
     ),
     pytest.param(MINIMAL.replace("comp/v1", "comp/v2"), "apiVersion", "Input should be 'comp/v1'", id="wrong-api-version"),
-    pytest.param(MINIMAL.replace("kind: Deployment", "kind: Pod"), "kind", "Input should be 'Deployment'", id="wrong-kind"),
+    pytest.param(MINIMAL.replace("kind: Deployment", "kind: Pod"), "kind", "kind 'Pod' is not one of Deployment, Service", id="wrong-kind"),
     pytest.param("- web\n- worker\n", "", "a manifest must be a mapping", id="list-not-mapping"),
     pytest.param("just a string\n", "", "a manifest must be a mapping", id="string-not-mapping"),
     pytest.param("metadata: {name: web\n", "", "not valid YAML or JSON: expected ',' or '}', but got '<stream end>' (line 2, column 1)", id="invalid-yaml"),

@@ -441,6 +441,107 @@ class Deployment(_Strict):
         return f"{self.metadata.namespace}.{self.metadata.name}"
 
 
+def _port_number(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise ValueError(f"{value!r} is not a port number (1 to 65535)")
+
+
+PortNumber = Annotated[int, BeforeValidator(_port_number)]
+
+
+class ServicePort(_Strict):
+    """A port of a service: clients use ``port`` on the service's virtual IP (and
+    ``published`` on every host's own addresses); ``target_port`` is the replica's port, a
+    number or the name of one of the deployment's ``ports`` (default: ``port``)."""
+
+    name: Name | None = None
+    port: PortNumber
+    target_port: PortRef | None = None
+    protocol: Literal["tcp", "udp"] = "tcp"
+    published: PortNumber | None = None
+
+    @property
+    def key(self) -> str:
+        """The port's name, or ``<protocol>-<port>`` for an unnamed one: unique in its service."""
+        return self.name or f"{self.protocol}-{self.port}"
+
+    @property
+    def target(self) -> int | str:
+        return self.port if self.target_port is None else self.target_port
+
+
+class Selector(_Strict):
+    """The replicas a service sends traffic to: one deployment of its namespace by name, or
+    every deployment of its namespace whose metadata labels include all of ``labels``."""
+
+    deployment: Name | None = None
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Selector:
+        if (self.deployment is None) == (not self.labels):
+            raise ValueError("give either 'deployment' or 'labels', not both and not neither")
+        return self
+
+    def selects(self, deployment: Deployment) -> bool:
+        if self.deployment is not None:
+            return deployment.metadata.name == self.deployment
+        return all(deployment.metadata.labels.get(k) == v for k, v in self.labels.items())
+
+
+ServiceMode = Literal["vip", "dnsrr"]
+
+
+class ServiceSpec(_Strict):
+    selector: Selector
+    ports: list[ServicePort] = Field(min_length=1, max_length=64)
+    # vip: one stable virtual IP, balanced by each host's lb; dnsrr: DNS answers with the
+    # ready replicas' own addresses and no virtual IP is allocated (Swarm's two modes).
+    mode: ServiceMode = "vip"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServiceSpec:
+        seen: dict[tuple[int, str], int] = {}
+        names: set[str] = set()
+        published: set[tuple[int, str]] = set()
+        for index, port in enumerate(self.ports):
+            if (port.port, port.protocol) in seen:
+                raise ValueError(f"ports[{index}]: {port.port}/{port.protocol} is already ports[{seen[port.port, port.protocol]}]")
+            seen[port.port, port.protocol] = index
+            if port.name is not None:
+                if port.name in names:
+                    raise ValueError(f"ports[{index}]: the name {port.name!r} is used twice")
+                names.add(port.name)
+            if port.published is not None:
+                if (port.published, port.protocol) in published:
+                    raise ValueError(f"ports[{index}]: published {port.published}/{port.protocol} is used twice")
+                published.add((port.published, port.protocol))
+                if self.mode == "dnsrr":
+                    raise ValueError(f"ports[{index}]: a dnsrr service has no virtual IP to publish; use mode vip")
+        if len(self.ports) > 1 and any(port.name is None for port in self.ports):
+            raise ValueError("a service with more than one port must name each of them (for SRV records)")
+        return self
+
+
+class Service(_Strict):
+    api_version: Literal["comp/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Service"] = "Service"
+    metadata: Metadata
+    spec: ServiceSpec
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}.{self.metadata.name}"
+
+
+KINDS = ("Deployment", "Service")
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be accepted; ``errors`` lists each problem with its field path."""
 
@@ -556,31 +657,52 @@ def parse_deployments(text: str | bytes) -> list[Deployment]:
 def parse_documents(text: str | bytes) -> list[tuple[str, Deployment]]:
     """``parse_deployments``, each deployment with the path prefix its errors take
     (``document[i]``, or "" in a text of one document), for checks made after parsing
-    (such as depends_on cycles against what is stored) to point at the right document."""
+    (such as depends_on cycles against what is stored) to point at the right document.
+    A Service in the text is an error here: use :func:`parse_objects`."""
+    objects = parse_objects(text)
+    others = [(path, obj) for path, obj in objects if not isinstance(obj, Deployment)]
+    if others:
+        raise ManifestError([{"path": path, "message": f"kind {obj.kind} is not accepted here"} for path, obj in others])
+    return [(path, obj) for path, obj in objects if isinstance(obj, Deployment)]
+
+
+def parse_objects(text: str | bytes) -> list[tuple[str, Deployment | Service]]:
+    """Every Deployment and Service in a YAML or JSON text, each with the path prefix its
+    errors take.  ``kind`` chooses the model (absent: Deployment).  Raises
+    :class:`ManifestError` listing every problem; returns nothing partial."""
     size = len(text.encode() if isinstance(text, str) else text)
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError([{"path": "", "message": f"manifest is larger than {MAX_MANIFEST_BYTES} bytes"}])
     documents = _load_documents(text)
     if not documents:
         raise ManifestError([{"path": "", "message": "manifest is empty"}])
-    deployments: list[tuple[str, Deployment]] = []
+    objects: list[tuple[str, Deployment | Service]] = []
     errors: list[dict[str, str]] = []
     for index, document in documents:
         prefix: tuple[Any, ...] = (f"document[{index}]",) if len(documents) > 1 else ()
         if not isinstance(document, dict):
             errors.append({"path": _path(prefix), "message": "a manifest must be a mapping"})
             continue
+        kind = document.get("kind", "Deployment")
+        model: type[Deployment] | type[Service]
+        if kind == "Service":
+            model = Service
+        elif kind == "Deployment":
+            model = Deployment
+        else:
+            errors.append({"path": _path((*prefix, "kind")), "message": f"kind {kind!r} is not one of {', '.join(KINDS)}"})
+            continue
         try:
-            deployments.append((_path(prefix), Deployment.model_validate(document)))
+            objects.append((_path(prefix), model.model_validate(document)))
         except ValidationError as exc:
             errors.extend(errors_from_validation(exc, prefix))
     if errors:
         raise ManifestError(errors)
-    keys = [d.key for _, d in deployments]
+    keys = [(obj.kind, obj.key) for _, obj in objects]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
-        raise ManifestError([{"path": "", "message": f"deployment {k} appears twice"} for k in duplicates])
-    return deployments
+        raise ManifestError([{"path": "", "message": f"{kind.lower()} {k} appears twice"} for kind, k in duplicates])
+    return objects
 
 
 def dependency_cycle(graph: Mapping[str, Iterable[str]], start: str | None = None) -> list[str] | None:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .manifest import Deployment, Health, Port, RestartPolicy
+from .manifest import Deployment, Health, Port, RestartPolicy, Service, ServiceMode
 from .quota import Quota
 
 
@@ -138,6 +138,9 @@ class TaskStatus(Message):
     ready_since: float | None = None
     # The process keeps ending: restarts wait, each longer than the last.
     crash_loop: bool = False
+    # The container's address on its engine network, where a service's traffic reaches it
+    # (None where the runtime has none, or before the task runs).
+    address: str | None = None
     next_restart_at: float | None = None
 
 
@@ -297,3 +300,78 @@ class LeaderChange(Message):
 
 def node_state(last_heartbeat: float, now: float, grace_seconds: float) -> Literal["ready", "down"]:
     return "ready" if now - last_heartbeat <= grace_seconds else "down"
+
+
+class ServiceRecord(Message):
+    """A service as applied (KV ``comp-services``, key ``namespace.name``)."""
+
+    service: Service
+    generation: int = 1
+    created_at: float
+    updated_at: float
+
+
+class ServiceEvent(Message):
+    """A service applied or deleted (``comp.evt.service.<namespace>.<name>``, api -> discovery)."""
+
+    action: Literal["applied", "deleted"]
+    namespace: str
+    name: str
+    revision: int = 0
+
+
+class VipAllocation(Message):
+    """Which service holds a virtual IP (KV ``comp-vips``, key the address).  Creating the
+    key is the allocation: the KV's create-if-absent makes two holders impossible."""
+
+    service: str  # namespace.name
+    allocated_at: float
+
+
+class EndpointPort(Message):
+    """A service port as the dataplane programs it (see ``manifest.ServicePort``)."""
+
+    name: str  # ServicePort.key: the user's name, or <protocol>-<port>
+    port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+    published: int | None = None
+    named: bool = False  # the user named it: it has an SRV record
+
+
+class Endpoint(Message):
+    """A ready replica of a service: where its traffic goes."""
+
+    task_id: str
+    node_id: str
+    address: str
+    # EndpointPort.name -> this replica's port for it (a named target port resolves per
+    # replica; a port the replica does not have is absent).
+    ports: dict[str, int] = Field(default_factory=dict)
+
+
+class ServiceEndpoints(Message):
+    """A service with its virtual IP and ready endpoints, whole (KV ``comp-endpoints``, key
+    ``namespace.name``, and ``comp.evt.endpoints.<namespace>.<name>``): each value replaces
+    the last, so a consumer that missed some is right again with the next."""
+
+    namespace: str
+    name: str
+    mode: ServiceMode = "vip"
+    vip: str | None = None
+    ports: list[EndpointPort] = Field(default_factory=list)
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    updated_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}.{self.name}"
+
+
+class EndpointCounter(Message):
+    """Connections counted by one host's lb (``comp.lb.counters.<namespace>.<name>``)."""
+
+    node_id: str
+    port: str  # EndpointPort.name
+    target: str  # "" for the service port itself, else the endpoint's "address:port"
+    packets: int
+    bytes: int

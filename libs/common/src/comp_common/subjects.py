@@ -22,6 +22,13 @@ NAMESPACES_BUCKET = "comp-namespaces"
 NODE_CONTROLS_BUCKET = "comp-node-controls"
 # Every applied version of every deployment, key ``revision_key(deployment key, generation)``.
 REVISIONS_BUCKET = "comp-revisions"
+# Services as applied (ServiceRecord), key namespace.name.
+SERVICES_BUCKET = "comp-services"
+# Virtual IPs held (VipAllocation), key the address; discovery allocates and frees them.
+VIPS_BUCKET = "comp-vips"
+# Each service's VIP, ports and ready endpoints (ServiceEndpoints), key namespace.name;
+# written by discovery, watched by every host's lb.
+ENDPOINTS_BUCKET = "comp-endpoints"
 
 # Deployment applied or deleted (published by api, consumed by scheduler).
 DEPLOYMENT_EVENTS = "comp.evt.deployment.>"
@@ -94,3 +101,25 @@ def health_event(node_id: str) -> str:
 
 def rollout_event(namespace: str, name: str) -> str:
     return f"comp.evt.rollout.{namespace}.{name}"
+
+
+# A service applied or deleted (api -> discovery).
+SERVICE_EVENTS = "comp.evt.service.>"
+# A service's endpoints changed (discovery -> anyone; lb watches ENDPOINTS_BUCKET instead).
+ENDPOINT_EVENTS = "comp.evt.endpoints.>"
+# Request/reply: {"namespace", "name"} -> ServiceEndpoints, or {"error"} (discovery answers).
+DISCOVERY_LOOKUP = "comp.discovery.lookup"
+# Request, many replies: every host's lb answers with its EndpointCounter list.
+LB_COUNTERS = "comp.lb.counters.*.*"
+
+
+def service_event(namespace: str, name: str) -> str:
+    return f"comp.evt.service.{namespace}.{name}"
+
+
+def endpoints_event(namespace: str, name: str) -> str:
+    return f"comp.evt.endpoints.{namespace}.{name}"
+
+
+def lb_counters(namespace: str, name: str) -> str:
+    return f"comp.lb.counters.{namespace}.{name}"
