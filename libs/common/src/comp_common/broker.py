@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from typing import TypeVar
+
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from pydantic import BaseModel
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ValidationError
 
 from . import subjects
 from .settings import NatsSettings
@@ -30,6 +33,8 @@ def make_broker(settings: NatsSettings, service: str, tracer_provider: TracerPro
 
 
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
+M = TypeVar("M", bound=BaseModel)
+_log = logging.getLogger("comp.broker")
 
 RawPublish = Callable[[BaseModel, str], Awaitable[None]]
 
@@ -71,3 +76,29 @@ async def ensure_event_stream(broker: NatsBroker, max_age_seconds: float = 7 * 2
     except BadRequestError:
         # Exists with other settings (retention changed by an operator): keep theirs.
         pass
+
+
+def typed_callback(
+    model: type[M], handle: Callable[[M], None], parse: Callable[[bytes], M] | None = None
+) -> Callable[[Msg], Awaitable[None]]:
+    """A plain nats-py subscription callback that validates each message as ``model`` and
+    hands it to ``handle``: for subjects too busy for FastStream's per-message pipeline.
+    A message that is not a ``model`` is logged and dropped, and a failing handler is
+    logged; either way the subscription goes on."""
+    parse = parse or model.model_validate_json
+
+    async def on_message(msg: Msg) -> None:
+        try:
+            value = parse(msg.data)
+        except ValidationError as exc:
+            _log.warning(
+                "dropped a message that is not a %s", model.__name__,
+                extra={"subject": msg.subject, "error": str(exc)[:300]},
+            )
+            return
+        try:
+            handle(value)
+        except Exception:
+            _log.exception("handling a message failed", extra={"subject": msg.subject})
+
+    return on_message

@@ -375,3 +375,11 @@ class EndpointCounter(Message):
     target: str  # "" for the service port itself, else the endpoint's "address:port"
     packets: int
     bytes: int
+
+
+class ServiceLookup(Message):
+    """A request on ``comp.discovery.lookup``; the reply is a ServiceEndpoints, or an
+    ``{"error": ...}`` object naming what was not found."""
+
+    namespace: str = "default"
+    name: str

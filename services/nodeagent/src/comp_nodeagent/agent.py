@@ -880,6 +880,19 @@ class Agent:
             grace = cap if grace is None else min(grace, cap)
         return grace
 
+    async def _address_of(self, container_id: str, previous: TaskStatus | None) -> str | None:
+        # Discovery sends a ready task's service traffic here.  One inspect per container,
+        # the first time it is ready; later statuses of the same container reuse it.
+        if previous is not None and previous.container_id == container_id and previous.address is not None:
+            return previous.address
+        if not self._can_probe:
+            return None
+        try:
+            return await self.driver.probe_target(container_id)
+        except Exception:
+            log.warning("could not read the container's address", extra={"container_id": container_id}, exc_info=True)
+            return None
+
     def _forget(self, task_id: str) -> None:
         health = self._health.pop(task_id, None)
         if health is not None:
@@ -900,6 +913,8 @@ class Agent:
             # (a liveness verdict, say) does not restart a rollout's min_healthy_time.
             still = previous is not None and previous.ready and previous.container_id == container_id
             ready_since = previous.ready_since if still and previous is not None else time.time()
+        if ready and container_id is not None and "address" not in fields:
+            fields["address"] = await self._address_of(container_id, previous)
         status = TaskStatus(
             task_id=task_id,
             node_id=self.node_id,

@@ -10,28 +10,21 @@ validation is logged and dropped; the service goes on serving.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
 from faststream.nats import NatsRouter
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from pydantic import BaseModel, ValidationError
 
 from comp_common import subjects
+from comp_common.broker import typed_callback
 from comp_common.messages import ControlEvent, DeploymentEvent, Heartbeat, TaskStatus
 
 from .service import Scheduler
 from .state import HeartbeatParser
 
-log = logging.getLogger("scheduler.handlers")
 # A backlog of this many messages is held rather than dropped: at 5,000 nodes a stall of a
 # few seconds queues tens of thousands of heartbeats, each needed to keep its node up.
 _PENDING_MESSAGES = 1_000_000
 _PENDING_BYTES = 1024**3
-M = TypeVar("M", bound=BaseModel)
 
 
 def build_router(scheduler: Scheduler) -> NatsRouter:
@@ -54,33 +47,11 @@ async def subscribe_observations(connection: Client, scheduler: Scheduler) -> li
     """Heartbeats and task statuses, on the broker's own connection."""
     return [
         await connection.subscribe(
-            subjects.NODE_HEARTBEATS, cb=_typed(Heartbeat, scheduler.on_heartbeat, HeartbeatParser().parse),
+            subjects.NODE_HEARTBEATS, cb=typed_callback(Heartbeat, scheduler.on_heartbeat, HeartbeatParser().parse),
             pending_msgs_limit=_PENDING_MESSAGES, pending_bytes_limit=_PENDING_BYTES,
         ),
         await connection.subscribe(
-            subjects.TASK_EVENTS, cb=_typed(TaskStatus, scheduler.on_task_status),
+            subjects.TASK_EVENTS, cb=typed_callback(TaskStatus, scheduler.on_task_status),
             pending_msgs_limit=_PENDING_MESSAGES, pending_bytes_limit=_PENDING_BYTES,
         ),
     ]
-
-
-def _typed(
-    model: type[M], handle: Callable[[M], None], parse: Callable[[bytes], M] | None = None
-) -> Callable[[Msg], Awaitable[None]]:
-    parse = parse or model.model_validate_json
-
-    async def on_message(msg: Msg) -> None:
-        try:
-            value = parse(msg.data)
-        except ValidationError as exc:
-            log.warning(
-                "dropped a message that is not a %s", model.__name__,
-                extra={"subject": msg.subject, "error": str(exc)[:300]},
-            )
-            return
-        try:
-            handle(value)
-        except Exception:
-            log.exception("handling a message failed", extra={"subject": msg.subject})
-
-    return on_message
