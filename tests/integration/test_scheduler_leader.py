@@ -120,7 +120,7 @@ async def test_standby_takes_over_a_half_applied_deploy_and_fences_the_old_leade
     await broker.connect()
     deployments = await open_bucket(broker, subjects.DEPLOYMENTS_BUCKET)
     assignments = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
-    leases = await open_bucket(broker, subjects.LEASES_BUCKET, history=1)
+    leases = await open_bucket(broker, subjects.LEASES_BUCKET)
     changes: list[dict] = []
 
     async def on_change(msg):

@@ -171,37 +171,50 @@ def _leader_text(leader: LeaderChange | None, error: str, running: dict[str, int
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 def apply(ctx: click.Context, filename, output: str) -> None:
-    """Create or update the deployments in a manifest."""
+    """Create or update the deployments and services in a manifest."""
     body = client(ctx).json("POST", "/v1/apply", content=filename.read(), headers={"content-type": "application/yaml"})
     if output == "json":
         click.echo(json.dumps(body, indent=2))
         return
     for result in body.get("results", []):
         click.echo(f"deployment {result['namespace']}/{result['name']} {result['action']}")
+    for result in body.get("services", []):
+        click.echo(f"service {result['namespace']}/{result['name']} {result['action']}")
     click.echo(f"operation {body.get('operation_id')}")
 
 
+SERVICE_KINDS = ("services", "service", "svc")
+
+
 @cli.command()
-@click.argument("kind", type=click.Choice(["deployment", "deployments", "deploy"]))
+@click.argument("kind", type=click.Choice(["deployment", "deployments", "deploy", *SERVICE_KINDS]))
 @click.argument("name")
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.pass_context
 def delete(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
-    """Delete a deployment; its tasks are stopped."""
-    body = client(ctx).json("DELETE", f"/v1/deployments/{namespace}/{name}")
-    click.echo(f"deployment {namespace}/{name} deleted")
+    """Delete a deployment (its tasks are stopped) or a service (its VIP and rules go)."""
+    if kind in SERVICE_KINDS:
+        body = client(ctx).json("DELETE", f"/v1/namespaces/{namespace}/services/{name}")
+        click.echo(f"service {namespace}/{name} deleted")
+    else:
+        body = client(ctx).json("DELETE", f"/v1/deployments/{namespace}/{name}")
+        click.echo(f"deployment {namespace}/{name} deleted")
     if body.get("operation_id"):
         click.echo(f"operation {body['operation_id']}")
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["deployment", "deploy"]))
+@click.argument("kind", type=click.Choice(["deployment", "deploy", *SERVICE_KINDS]))
 @click.argument("name")
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.pass_context
 def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
-    """A deployment in full: spec, status, why tasks are pending, where each task went and why."""
+    """A deployment in full: spec, status, why tasks are pending, where each task went and why.
+    A service: selector, mode, VIP, ports, and each ready endpoint with what the lbs counted."""
     c = client(ctx)
+    if kind in SERVICE_KINDS:
+        click.echo(describe_service(c, namespace, name))
+        return
     d = c.json("GET", f"/v1/deployments/{namespace}/{name}")
     spec = d["manifest"]["spec"]
     st = d.get("status") or {}
@@ -235,16 +248,20 @@ def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["deployments", "deployment", "deploy", "tasks", "task", "nodes", "node", "namespaces", "namespace", "ns"]))
+@click.argument("kind", type=click.Choice(["deployments", "deployment", "deploy", *SERVICE_KINDS, "tasks", "task", "nodes", "node",
+                                           "namespaces", "namespace", "ns"]))
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 def get(ctx: click.Context, kind: str, namespace: str | None, output: str) -> None:
-    """List deployments, tasks or nodes."""
+    """List deployments, services, tasks, nodes or namespaces."""
     c = client(ctx)
     if kind.startswith("deploy"):
         items = c.json("GET", "/v1/deployments", params={"namespace": namespace} if namespace else None)
         render = deployments_table
+    elif kind in SERVICE_KINDS:
+        items = c.json("GET", "/v1/services", params={"namespace": namespace} if namespace else None)
+        render = services_table
     elif kind.startswith("task"):
         items = c.json("GET", "/v1/tasks")
         if namespace:
@@ -269,6 +286,87 @@ def deployments_table(items: list[dict]) -> str:
             spec["image"], str(d["generation"]), st.get("pending_reason", ""),
         ])
     return table(["NAMESPACE", "NAME", "RUNNING", "PLACED", "IMAGE", "GEN", "PENDING"], rows)
+
+
+def services_table(items: list[dict]) -> str:
+    rows = [[s["namespace"], s["name"], s["mode"], _vip_text(s), ",".join(_port_text(p) for p in s["ports"]), str(len(s["endpoints"]))]
+            for s in items]
+    return table(["NAMESPACE", "NAME", "MODE", "VIP", "PORTS", "ENDPOINTS"], rows)
+
+
+def _vip_text(service: dict) -> str:
+    if service["vip"]:
+        return service["vip"]
+    # dnsrr answers DNS with the replicas' own addresses and never gets one.
+    return "<none>" if service["mode"] == "dnsrr" else "<pending>"
+
+
+def _port_text(port: dict) -> str:
+    """``[published:]port/protocol[->target]``: ``80/tcp->8080``, ``8443:443/tcp``."""
+    published = f"{port['published']}:" if port.get("published") else ""
+    target = "" if port["target_port"] == port["port"] else f"->{port['target_port']}"
+    return f"{published}{port['port']}/{port['protocol']}{target}"
+
+
+def describe_service(c: Client, namespace: str, name: str) -> str:
+    s = c.json("GET", f"/v1/namespaces/{namespace}/services/{name}")
+    selector = s["manifest"]["spec"]["selector"]
+    selected = (f"deployment {selector['deployment']}" if selector.get("deployment")
+                else "labels " + ", ".join(f"{k}={v}" for k, v in sorted(selector["labels"].items())))
+    response = c.request("GET", f"/v1/namespaces/{namespace}/services/{name}/counters")
+    counted = SummedCounters(response.json()) if response.status_code == 200 else None
+    if counted is None:
+        counters = f"unavailable ({describe_error(response)})"
+    elif not counted.hosts:
+        counters = "no lb answered"
+    else:
+        # nftables counts in its NAT chains, which see only the first packet of a connection.
+        counters = f"summed over the lbs of {len(counted.hosts)} host(s) (nftables: one packet per connection)"
+    lines = [
+        f"Name:        {namespace}/{name}",
+        f"Selector:    {selected}",
+        f"Mode:        {s['mode']}",
+        f"VIP:         {_vip_text(s)}",
+        f"Generation:  {s['generation']} (revision {s['revision']})",
+        f"Counters:    {counters}",
+        "Ports:",
+    ]
+    for port in s["ports"]:
+        traffic = ""
+        if counted and counted.hosts:
+            packets, n_bytes = counted.of(port["name"], "")
+            traffic = f"  {packets} packets, {n_bytes} bytes"
+        lines.append(f"  {port['name']}: {_port_text(port)}{traffic}")
+    if s["endpoints_updated_at"] is None:
+        lines.append("Endpoints:   none yet (discovery has not written this service's endpoints)")
+        return "\n".join(lines)
+    lines.append(f"Endpoints:   {len(s['endpoints'])} ready (as of {_when(s['endpoints_updated_at'])})")
+    rows = []
+    for e in sorted(s["endpoints"], key=lambda e: e["task_id"]):
+        for port in s["ports"]:
+            target = e["ports"].get(port["name"])
+            if target is None:
+                continue  # a named target port this replica does not have: no traffic goes to it
+            address = f"{e['address']}:{target}"
+            packets, n_bytes = counted.of(port["name"], address) if counted and counted.hosts else ("-", "-")
+            rows.append([e["task_id"], e["node_id"], port["name"], address, str(packets), str(n_bytes)])
+    if rows:
+        lines += ["  " + line for line in table(["TASK", "NODE", "PORT", "ADDRESS", "PACKETS", "BYTES"], rows).splitlines()]
+    return "\n".join(lines)
+
+
+class SummedCounters:
+    """EndpointCounter replies summed over the hosts that sent them, by (port, target)."""
+
+    def __init__(self, counters: list[dict]):
+        self.hosts = {c["node_id"] for c in counters}
+        self._sums: dict[tuple[str, str], tuple[int, int]] = {}
+        for c in counters:
+            packets, n_bytes = self._sums.get((c["port"], c["target"]), (0, 0))
+            self._sums[c["port"], c["target"]] = (packets + c["packets"], n_bytes + c["bytes"])
+
+    def of(self, port: str, target: str) -> tuple[int, int]:
+        return self._sums.get((port, target), (0, 0))
 
 
 def tasks_table(items: list[dict], now: float | None = None) -> str:

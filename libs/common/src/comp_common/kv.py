@@ -8,6 +8,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
+from . import subjects
+
 from faststream.nats import NatsBroker
 
 M = TypeVar("M", bound=BaseModel)
@@ -17,9 +19,19 @@ class ConflictError(RuntimeError):
     """The key changed since it was read: re-read and retry, or give up."""
 
 
-async def open_bucket(broker: NatsBroker, bucket: str, history: int = 10) -> KeyValue:
-    # history keeps earlier versions for inspection; the desired state is the latest.
-    return await broker.key_value(bucket, history=history)
+# How many versions each bucket keeps.  Pinned here, not per caller: the server refuses to
+# open a bucket with a configuration other than the one it was created with, so every
+# process must ask for the same.  Earlier versions serve inspection (desired state); the
+# buckets of one-value-per-key state (a lease, a VIP holder, endpoints) keep none.
+_HISTORY = {
+    subjects.LEASES_BUCKET: 1,
+    subjects.VIPS_BUCKET: 1,
+    subjects.ENDPOINTS_BUCKET: 1,
+}
+
+
+async def open_bucket(broker: NatsBroker, bucket: str) -> KeyValue:
+    return await broker.key_value(bucket, history=_HISTORY.get(bucket, 10))
 
 
 async def get_model(kv: KeyValue, key: str, model: type[M]) -> tuple[M, int] | None:

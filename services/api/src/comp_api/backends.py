@@ -1,4 +1,4 @@
-"""What the routes talk to: NATS (deployments bucket, events) and Redis (observed state).
+"""What the routes talk to: NATS (deployments and services buckets, events) and Redis (observed state).
 
 NATS may be down when the api starts or go away later; the api keeps answering
 either way (503 naming the dependency) and connects in the background.
@@ -25,6 +25,7 @@ from comp_common.revisions import open_revisions
 
 from .settings import ApiSettings
 from .controls import NamespaceStore, NodeControlStore
+from .service_store import ServiceStore
 from .store import DeploymentStore
 
 log = logging.getLogger("api.backends")
@@ -54,6 +55,7 @@ class Backends:
         self._store: DeploymentStore | None = None
         self._namespaces: NamespaceStore | None = None
         self._node_controls: NodeControlStore | None = None
+        self._services: ServiceStore | None = None
 
     def nats_connected(self) -> bool:
         try:
@@ -77,6 +79,11 @@ class Backends:
         assert self._node_controls is not None
         return self._node_controls
 
+    def services(self) -> ServiceStore:
+        self.deployments()
+        assert self._services is not None
+        return self._services
+
     async def connect(self, retry_seconds: float = 1.0) -> None:
         """Connect to NATS and open what the api needs there, retrying until it works."""
         # Reconnects forever on its own (max_reconnect_attempts=-1), so this returns once connected.
@@ -89,12 +96,17 @@ class Backends:
                 namespaces = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
                 node_controls = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)
                 revisions = await open_revisions(self.broker)
+                services = await open_bucket(self.broker, subjects.SERVICES_BUCKET)
+                # Discovery writes it; opened (created if need be) here so that a service is
+                # shown, without endpoints, before discovery has ever run.
+                endpoints = await open_bucket(self.broker, subjects.ENDPOINTS_BUCKET)
                 break
             except _NATS_ERRORS as exc:
                 log.warning("cannot open JetStream state yet, retrying: %r", exc)
                 await asyncio.sleep(retry_seconds)
         self._namespaces = NamespaceStore(namespaces)
         self._node_controls = NodeControlStore(node_controls)
+        self._services = ServiceStore(services, endpoints)
         self._store = DeploymentStore(kv, revisions)
         log.info("connected to NATS at %s", self.settings.nats.url)
 

@@ -70,6 +70,8 @@ async def delete_namespace(name: NamePath, backends: BackendsDep) -> dict[str, s
     async with backends.calling(NATS):
         if await backends.deployments().list(name):
             raise HTTPException(409, f"namespace {name} still has deployments; delete them first")
+        if await backends.services().list(name):
+            raise HTTPException(409, f"namespace {name} still has services; delete them first")
         if not await backends.namespaces().delete(name):
             raise HTTPException(404, f"namespace {name!r} not found")
     await _announce(backends, ControlEvent(kind="namespace", name=name, action="deleted"))

@@ -24,6 +24,7 @@ from .backends import Backends, DependencyUnavailable
 from .control_routes import router as control_router
 from .rollout_routes import router as rollout_router
 from .routes import manifest_schemas, router
+from .service_routes import router as service_router
 from .settings import ApiSettings
 from .tracing import RequestTracingMiddleware
 
@@ -55,13 +56,17 @@ def create_app(
     app = FastAPI(
         title="COMP API",
         version="1",
-        description="Apply, inspect and delete deployments, roll them back and forward; inspect tasks and nodes.",
+        description=(
+            "Apply, inspect and delete deployments and services, roll deployments back and forward; "
+            "inspect tasks and nodes."
+        ),
         lifespan=lifespan,
     )
     app.state.backends = backends
     app.include_router(router)
     app.include_router(control_router)
     app.include_router(rollout_router)
+    app.include_router(service_router)
     app.add_middleware(RequestTracingMiddleware, tracer_provider=tracer_provider)
 
     @app.exception_handler(DependencyUnavailable)

@@ -1,4 +1,5 @@
-"""The REST API: apply, read and delete deployments; read tasks and nodes."""
+"""The REST API: apply deployments and services; read and delete deployments; read tasks and nodes.
+Services are read and deleted in service_routes.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from comp_common import subjects
-from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, parse_documents
-from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, TaskStatus
+from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, Service, parse_objects
+from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, ServiceEvent, TaskStatus
 from comp_common.quota import quota_violations, usage_after_apply
 from comp_common.telemetry import current_trace_id
 
@@ -27,6 +28,7 @@ from .schemas import (
     HealthResponse,
     ManifestErrorResponse,
 )
+from .service_store import published_port_clashes
 
 log = logging.getLogger("api.routes")
 
@@ -50,17 +52,21 @@ _SCHEMA_REF = "#/components/schemas/{model}"
 
 
 def manifest_schemas() -> dict[str, Any]:
-    """The Deployment schema and the ones it refers to, for the OpenAPI components."""
-    schema = Deployment.model_json_schema(by_alias=True, ref_template=_SCHEMA_REF)
-    definitions = schema.pop("$defs", {})
-    return {"Deployment": schema, **definitions}
+    """The Deployment and Service schemas and the ones they refer to, for the OpenAPI components."""
+    schemas: dict[str, Any] = {}
+    for model in (Deployment, Service):
+        schema = model.model_json_schema(by_alias=True, ref_template=_SCHEMA_REF)
+        schemas |= schema.pop("$defs", {})
+        schemas[model.__name__] = schema
+    return schemas
 
 
 _MANIFEST_BODY = {
     "requestBody": {
         "required": True,
         "description": (
-            "One or more Deployment manifests in YAML (documents separated by `---`) or JSON, "
+            "One or more Deployment and Service manifests (`kind`, default Deployment; the Service "
+            "schema is in the components) in YAML (documents separated by `---`) or JSON, "
             "read raw whatever the Content-Type. Every document is validated before any is stored."
         ),
         "content": {
@@ -91,7 +97,10 @@ async def healthz(backends: BackendsDep) -> JSONResponse:
         413: {"model": ErrorResponse, "description": "the body is larger than max_body_bytes"},
         422: {
             "model": ManifestErrorResponse,
-            "description": "the manifest is invalid, or its depends_on would make a cycle; nothing was stored",
+            "description": (
+                "the manifest is invalid, its depends_on would make a cycle, or a service's published "
+                "port is another service's; nothing was stored"
+            ),
         },
         **_UNAVAILABLE,
     },
@@ -99,14 +108,16 @@ async def healthz(backends: BackendsDep) -> JSONResponse:
 async def apply(request: Request, backends: BackendsDep) -> Any:
     body = await _read_body(request, backends.settings.api.max_body_bytes)
     try:
-        documents = parse_documents(body)
+        objects = parse_objects(body)
     except ManifestError as exc:
         return JSONResponse(ManifestErrorResponse(errors=exc.errors).model_dump(), status_code=422)
-    deployments = [deployment for _, deployment in documents]
+    deployment_documents = [(path, obj) for path, obj in objects if isinstance(obj, Deployment)]
+    services = [(path, obj) for path, obj in objects if isinstance(obj, Service)]
+    deployments = [deployment for _, deployment in deployment_documents]
     store = backends.deployments()
-    cycles = await _dependency_cycles(backends, documents)
-    if cycles:
-        return JSONResponse(ManifestErrorResponse(errors=cycles).model_dump(), status_code=422)
+    errors = await _dependency_cycles(backends, deployment_documents) + await _published_port_clashes(backends, services)
+    if errors:
+        return JSONResponse(ManifestErrorResponse(errors=errors).model_dump(), status_code=422)
     refusal = await _quota_refusal(backends, deployments)
     if refusal:
         return JSONResponse({"detail": refusal}, status_code=403)
@@ -124,7 +135,16 @@ async def apply(request: Request, backends: BackendsDep) -> Any:
                 generation=result.generation,
             )
             await _announce(backends, event)
-    return ApplyResponse(operation_id=current_trace_id() or "", results=results)
+    service_results = []
+    for _, service in services:
+        async with backends.calling(NATS):
+            result = await backends.services().apply(service)
+        service_results.append(result)
+        if result.action != "unchanged":
+            await _announce_service(
+                backends, ServiceEvent(action="applied", namespace=result.namespace, name=result.name, revision=result.revision)
+            )
+    return ApplyResponse(operation_id=current_trace_id() or "", results=results, services=service_results)
 
 
 @router.get("/v1/deployments", response_model=list[DeploymentView], responses=_UNAVAILABLE)
@@ -218,6 +238,15 @@ async def _dependency_cycles(backends: Backends, documents: list[tuple[str, Depl
     return cycle_errors(documents, stored)
 
 
+async def _published_port_clashes(backends: Backends, services: list[tuple[str, Service]]) -> list[dict[str, str]]:
+    """The published ports of this apply that other services publish already."""
+    if not any(port.published is not None for _, service in services for port in service.spec.ports):
+        return []
+    async with backends.calling(NATS):
+        stored = [s.service for s in await backends.services().list()]
+    return published_port_clashes(services, stored)
+
+
 async def _forget_revisions(backends: Backends, key: str) -> None:
     try:
         async with backends.calling(NATS):
@@ -268,6 +297,14 @@ async def _announce(backends: Backends, event: DeploymentEvent) -> None:
         # The change is stored, which is what the answer reports; the scheduler's
         # periodic resync reads the bucket and picks it up without the event.
         log.error("deployment %s.%s %s but its event was not published: %s", event.namespace, event.name, event.action, exc)
+
+
+async def _announce_service(backends: Backends, event: ServiceEvent) -> None:
+    try:
+        await backends.publish(event, subjects.service_event(event.namespace, event.name))
+    except DependencyUnavailable as exc:
+        # Stored, which is what the answer reports; discovery's resync reads the bucket.
+        log.error("service %s.%s %s but its event was not published: %s", event.namespace, event.name, event.action, exc)
 
 
 async def _deployment_states(backends: Backends) -> dict[str, DeploymentState] | None:

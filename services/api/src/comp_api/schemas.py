@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from comp_common.manifest import Deployment
-from comp_common.messages import RolloutEvent
+from comp_common.manifest import Deployment, ServiceMode
+from comp_common.messages import Endpoint, RolloutEvent, ServiceEndpoints
 
+from .service_store import StoredService
 from .store import ApplyResult, StoredDeployment
 
 
@@ -27,7 +28,8 @@ class ManifestErrorResponse(BaseModel):
 
 class ApplyResponse(BaseModel):
     operation_id: str = Field(description="trace id of this operation, also in the x-comp-operation-id header")
-    results: list[ApplyResult]
+    results: list[ApplyResult] = Field(description="the deployments of the manifest, in its order")
+    services: list[ApplyResult] = Field(default_factory=list, description="the services of the manifest, in its order")
 
 
 class DeleteResponse(BaseModel):
@@ -77,6 +79,50 @@ class DeploymentView(BaseModel):
             change_cause=stored.record.change_cause,
             promoted_generation=stored.record.promoted_generation,
             status=status,
+        )
+
+
+class ServicePortView(BaseModel):
+    name: str = Field(description="the port's name, or <protocol>-<port>: how endpoints and counters name the port")
+    port: int = Field(description="on the virtual IP")
+    target_port: int | str = Field(description="the replica's port: a number, or the name of one of its deployment's ports")
+    protocol: Literal["tcp", "udp"]
+    published: int | None = Field(description="also open on every host's own addresses at this port")
+
+
+class ServiceView(BaseModel):
+    namespace: str
+    name: str
+    manifest: dict[str, Any] = Field(description="the applied manifest, defaults filled in")
+    generation: int = Field(description="bumped when the spec changes")
+    revision: int
+    created_at: float
+    updated_at: float
+    mode: ServiceMode
+    ports: list[ServicePortView] = Field(description="as applied")
+    vip: str | None = Field(description="null until discovery has allocated one, and always in mode dnsrr")
+    endpoints: list[Endpoint] = Field(description="the ready replicas, as discovery last wrote them")
+    endpoints_updated_at: float | None = Field(description="when discovery last wrote them; null if it has not yet")
+
+    @classmethod
+    def of(cls, stored: StoredService, discovered: ServiceEndpoints | None) -> "ServiceView":
+        service = stored.service
+        return cls(
+            namespace=service.metadata.namespace,
+            name=service.metadata.name,
+            manifest=service.model_dump(mode="json", by_alias=True),
+            generation=stored.record.generation,
+            revision=stored.revision,
+            created_at=stored.record.created_at,
+            updated_at=stored.record.updated_at,
+            mode=service.spec.mode,
+            ports=[
+                ServicePortView(name=p.key, port=p.port, target_port=p.target, protocol=p.protocol, published=p.published)
+                for p in service.spec.ports
+            ],
+            vip=discovered.vip if discovered else None,
+            endpoints=discovered.endpoints if discovered else [],
+            endpoints_updated_at=discovered.updated_at if discovered else None,
         )
 
 

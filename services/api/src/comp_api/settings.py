@@ -14,6 +14,9 @@ class ApiGroup(BaseModel):
     max_body_bytes: int = 1024 * 1024
     # How long one call to NATS or Redis may take before the request is answered with 503.
     dependency_timeout_seconds: float = 5.0
+    # A service's counters are asked of every host's lb at once, with no count of how many
+    # will answer: replies are gathered for this long.
+    counters_window_seconds: float = 0.3
 
 
 class ApiSettings(CommonSettings):

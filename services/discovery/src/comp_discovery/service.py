@@ -72,8 +72,8 @@ class Discovery:
     async def start(self) -> None:
         self.services_kv = await open_bucket(self.broker, subjects.SERVICES_BUCKET)
         self.deployments_kv = await open_bucket(self.broker, subjects.DEPLOYMENTS_BUCKET)
-        self.vips_kv = await open_bucket(self.broker, subjects.VIPS_BUCKET, history=1)
-        self.endpoints_kv = await open_bucket(self.broker, subjects.ENDPOINTS_BUCKET, history=1)
+        self.vips_kv = await open_bucket(self.broker, subjects.VIPS_BUCKET)
+        self.endpoints_kv = await open_bucket(self.broker, subjects.ENDPOINTS_BUCKET)
         self.published = {key: value for key, (value, _) in (await list_models(self.endpoints_kv, ServiceEndpoints)).items()}
         if self.store is not None:
             # The scheduler's view of every task: endpoints are right from the first write,

@@ -270,7 +270,7 @@ class Scheduler:
         self.node_controls_kv = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)
         self.namespaces_kv = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
         self.revisions: Revisions = await open_revisions(self.broker)
-        await open_bucket(self.broker, subjects.LEASES_BUCKET, history=1)  # created here, used by the elector
+        await open_bucket(self.broker, subjects.LEASES_BUCKET)  # created here, used by the elector
         self.applier = Applier(self.state, self.assignments_kv, self.broker, self.acting_epoch, nudge=raw_publisher(self.broker))
         await self._load_assignments()
         await self._load_desired()
