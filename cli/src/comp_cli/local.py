@@ -28,7 +28,10 @@ import redis.asyncio as aioredis
 from comp_common.messages import LeaderChange
 from comp_common.observed import ObservedStore
 
-SERVICES = ("api", "scheduler")
+SERVICES = ("api", "scheduler", "discovery", "lb")
+# Discovery and the lb give services their VIPs, DNS and rules; a cluster without them
+# (networking off) runs deployments only and leaves the host's nftables alone.
+NETWORKING_SERVICES = ("discovery", "lb")
 NATS_MAX_PAYLOAD = 1024 * 1024
 
 
@@ -86,11 +89,21 @@ class ClusterConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Scheduler processes: one leads, the others stand by hot (see comp_scheduler.leader).
     schedulers: int = 1
+    networking: bool = True
+    vip_cidr: str = "10.96.0.0/16"
+    dns_port: int = 5353
+
+    @property
+    def lb_table(self) -> str:
+        # One table per cluster, so that two clusters on one host never edit each other's.
+        return "comp_lb" if self.cluster == "local" else f"comp_lb_{self.cluster}".replace("-", "_")
 
     @classmethod
     def private(cls, state_dir: Path, name_prefix: str, **settings: Any) -> "ClusterConfig":
         """A cluster of its own on free ports with a unique name, beside any other on this
         machine (tests and benchmarks): ``comp up``'s fixed ports and name would collide."""
+        settings.setdefault("networking", False)
+        settings.setdefault("dns_port", free_port())
         return cls(
             state_dir, f"{name_prefix}{uuid.uuid4().hex[:6]}", free_port(), free_port(), free_port(), **settings
         )
@@ -156,6 +169,11 @@ class LocalCluster:
                 "COMP_LIVENESS__HEARTBEAT_SECONDS": str(c.heartbeat_seconds),
                 "COMP_LIVENESS__GRACE_SECONDS": str(c.grace_seconds),
                 "COMP_API__PORT": str(c.api_port),
+                "COMP_DISCOVERY__VIP_CIDR": c.vip_cidr,
+                "COMP_DISCOVERY__DNS_PORT": str(c.dns_port),
+                "COMP_LB__TABLE": c.lb_table,
+                "COMP_LB__NODE_ID": c.node_ids()[0] if c.nodes else "",
+                "COMP_LB__CLEANUP_ON_EXIT": "true",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -255,6 +273,8 @@ class LocalCluster:
             self.start_nats()
             self.start_redis()
             for service in SERVICES:
+                if service in NETWORKING_SERVICES and not self.config.networking:
+                    continue
                 if service == "scheduler":
                     for name in self.config.scheduler_names():
                         self.start_service(service, name=name)

@@ -85,12 +85,18 @@ def client(ctx: click.Context) -> Client:
 @click.option("--api-port", default=8470, show_default=True)
 @click.option("--schedulers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Scheduler processes: one leads, the others stand by to take over.")
+@click.option("--networking/--no-networking", default=True, show_default=True,
+              help="Run discovery (VIPs, DNS) and the lb (nftables rules on this host, needs root).")
+@click.option("--vip-cidr", default="10.96.0.0/16", show_default=True, help="Where services' virtual IPs come from.")
+@click.option("--dns-port", default=5353, show_default=True, help="Discovery's DNS port on 127.0.0.1 (udp and tcp).")
 @click.pass_context
-def up(ctx: click.Context, nodes: int, cluster: str, nats_port: int, redis_port: int, api_port: int, schedulers: int) -> None:
-    """Start a local cluster: nats-server, redis-server, api, scheduler(s) and node agents."""
+def up(ctx: click.Context, nodes: int, cluster: str, nats_port: int, redis_port: int, api_port: int, schedulers: int,
+       networking: bool, vip_cidr: str, dns_port: int) -> None:
+    """Start a local cluster: nats-server, redis-server, api, scheduler(s), discovery, lb and node agents."""
     state_dir: Path = ctx.obj["state_dir"]
     local = LocalCluster(ClusterConfig(state_dir, cluster, nats_port, redis_port, api_port, nodes,
-                                       span_file=state_dir / "spans.jsonl", schedulers=schedulers))
+                                       span_file=state_dir / "spans.jsonl", schedulers=schedulers,
+                                       networking=networking, vip_cidr=vip_cidr, dns_port=dns_port))
     if any(pid for pid in local.running().values()):
         raise click.ClickException(f"a cluster is already running from {state_dir} (`comp status`, `comp down`)")
     try:

@@ -1,0 +1,122 @@
+"""The lb: every service's endpoints (watched in the endpoints bucket) into this host's dataplane.
+
+One sync at a time, in one worker thread (the dataplane shells out to ``nft`` or talks
+netlink).  Updates that arrive while a sync runs, or within ``batch_seconds`` of the first,
+are one transaction.  The first sync of a process reconciles with what the kernel holds; a
+failed sync is retried, whole, after a pause, and the rules applied before it stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from faststream.nats import NatsBroker
+
+from comp_common import subjects
+from comp_common.kv import open_bucket
+from comp_common.messages import EndpointCounter, ServiceEndpoints
+
+from .dataplane import Dataplane
+from .settings import LbSettings
+
+log = logging.getLogger("lb")
+_RETRY_SECONDS = 1.0
+
+
+class LoadBalancer:
+    def __init__(self, settings: LbSettings, broker: NatsBroker, dataplane: Dataplane):
+        self.settings = settings
+        self.broker = broker
+        self.dataplane = dataplane
+        self.desired: dict[str, ServiceEndpoints] = {}
+        self.synced = asyncio.Event()  # set once the first sync has applied
+        self.syncs = 0
+        self._changed = asyncio.Event()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb-dataplane")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.endpoints_kv = await open_bucket(self.broker, subjects.ENDPOINTS_BUCKET)
+        initial = asyncio.get_running_loop().create_future()
+        self._tasks = [
+            asyncio.create_task(self._watch(initial), name="lb-watch"),
+            asyncio.create_task(self._sync_forever(), name="lb-sync"),
+        ]
+        await initial  # every service present when the watch began is in `desired`
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.settings.lb.cleanup_on_exit:
+            await self._in_thread(self.dataplane.cleanup)
+            log.info("removed this host's rules", extra={"dataplane": self.dataplane.name})
+        self._thread.shutdown(wait=True)
+
+    async def counters(self, namespace: str, name: str) -> list[EndpointCounter]:
+        return await self._in_thread(self.dataplane.counters, namespace, name)
+
+    async def _in_thread(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _watch(self, initial: asyncio.Future[None]) -> None:
+        while True:
+            try:
+                watcher = await self.endpoints_kv.watchall()
+                # Each watch starts from the bucket's present values: gathered apart and
+                # swapped in whole, so a key deleted while no watch ran is dropped too.
+                fresh: dict[str, ServiceEndpoints] | None = {}
+                async for entry in watcher:
+                    if entry is None:
+                        if fresh is not None:
+                            self.desired, fresh = fresh, None
+                        if not initial.done():
+                            initial.set_result(None)
+                        self._changed.set()
+                        continue
+                    self._on_entry(fresh if fresh is not None else self.desired, entry.key, entry.value, entry.operation)
+                    if fresh is None:
+                        self._changed.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("the endpoints watch ended; starting it again", exc_info=True)
+                await asyncio.sleep(_RETRY_SECONDS)
+
+    @staticmethod
+    def _on_entry(into: dict[str, ServiceEndpoints], key: str, value: bytes | None, operation: object) -> None:
+        if operation is not None and str(operation).endswith(("DEL", "PURGE")) or not value:
+            into.pop(key, None)
+            return
+        try:
+            into[key] = ServiceEndpoints.model_validate_json(value)
+        except ValueError:
+            log.warning("dropped an endpoints value that does not parse", extra={"key": key}, exc_info=True)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await self._changed.wait()
+            await asyncio.sleep(self.settings.lb.batch_seconds)
+            self._changed.clear()
+            services = list(self.desired.values())
+            started = time.perf_counter()
+            try:
+                report = await self._in_thread(self.dataplane.sync, services)
+            except Exception as exc:
+                log.error("dataplane sync failed; retrying", extra={"error": str(exc)[:2000], "services": len(services)})
+                self._changed.set()
+                await asyncio.sleep(_RETRY_SECONDS)
+                continue
+            self.syncs += 1
+            self.synced.set()
+            log.info(
+                "synced",
+                extra={
+                    "services": len(services),
+                    "report": str(report),
+                    "seconds": round(time.perf_counter() - started, 4),
+                },
+            )
