@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 import httpx
 import nats
 import pytest
-import uvicorn
 from click.testing import CliRunner
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -24,7 +22,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from comp_api.main import create_app
 from comp_api.settings import ApiSettings
 from comp_cli import main as cli_main
-from comp_cli.local import free_port
 from comp_common import subjects
 from comp_common.broker import make_broker
 from comp_common.kv import list_keys
@@ -32,7 +29,8 @@ from comp_common.messages import DeploymentRecord, HealthState, RevisionRecord, 
 from comp_common.observed import ObservedStore, connect
 from comp_common.revisions import Revisions
 from comp_common.settings import NatsSettings, RedisSettings
-from waiting import eventually, wait_until
+from served_api import serve_api
+from waiting import eventually
 
 
 def web(image: str = "nginx:1.27", replicas: int = 2, extra: str = "", name: str = "web") -> str:
@@ -495,28 +493,8 @@ async def test_a_dependency_on_a_deployment_not_applied_yet_is_accepted(api: Api
 
 @pytest.fixture
 def served_api(nats_url: str, redis_url: str) -> Iterator[str]:
-    """The api served by uvicorn on a free port in a thread of its own, as `comp` reaches it."""
-    settings = ApiSettings(
-        cluster=f"t{uuid.uuid4().hex[:8]}", nats=NatsSettings(url=nats_url, connect_timeout=1), redis=RedisSettings(url=redis_url)
-    )
-    provider = TracerProvider()
-    app = create_app(settings, make_broker(settings.nats, "api", provider), ObservedStore(connect(redis_url), settings.cluster), provider)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _healthy(url), timeout=30, what="the served api to be healthy")
-    yield url
-    server.should_exit = True
-    thread.join()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with serve_api(nats_url, redis_url) as url:
+        yield url
 
 
 def test_cli_rollout_commands_against_the_api(served_api: str) -> None:
