@@ -124,7 +124,12 @@ class ServiceRules:
 
 
 class RulesetError(ValueError):
-    """A service the kernel would refuse or could not serve; nothing was applied."""
+    """A service the kernel would refuse or could not serve; nothing was applied.
+    ``service`` is its key, so that a caller can set it aside and apply the others."""
+
+    def __init__(self, message: str, service: str | None = None):
+        super().__init__(message)
+        self.service = service
 
 
 def compile_service(service: ServiceEndpoints, node_id: str) -> ServiceRules:
@@ -144,7 +149,7 @@ def compile_service(service: ServiceEndpoints, node_id: str) -> ServiceRules:
     for port in service.ports:
         proto = port.protocol
         if proto not in ("tcp", "udp"):
-            raise RulesetError(f"service {key}: port {port.name}: protocol {proto!r} is not tcp or udp")
+            raise RulesetError(f"service {key}: port {port.name}: protocol {proto!r} is not tcp or udp", service=key)
         _check_number(key, f"port {port.name}", port.port)
         if port.published is not None:
             _check_number(key, f"port {port.name}: published", port.published)
@@ -153,7 +158,7 @@ def compile_service(service: ServiceEndpoints, node_id: str) -> ServiceRules:
                 continue
             claim = (where, proto, number)
             if claim in seen:
-                raise RulesetError(f"service {key}: {_describe(claim)} is listed twice (ports {seen[claim]} and {port.name})")
+                raise RulesetError(f"service {key}: {_describe(claim)} is listed twice (ports {seen[claim]} and {port.name})", service=key)
             seen[claim] = port.name
             claims.append(claim)
         targets = [f"{address} . {number}" for address, number in backends(port, service)]
@@ -197,12 +202,12 @@ def _check_address(key: str, what: str, address: str) -> None:
     try:
         _packed(address)
     except (OSError, TypeError):
-        raise RulesetError(f"service {key}: {what} address {address!r} is not an IPv4 address") from None
+        raise RulesetError(f"service {key}: {what} address {address!r} is not an IPv4 address", service=key) from None
 
 
 def _check_number(key: str, what: str, number: int) -> None:
     if not isinstance(number, int) or not 1 <= number <= 65535:
-        raise RulesetError(f"service {key}: {what} {number} is not in 1-65535")
+        raise RulesetError(f"service {key}: {what} {number} is not in 1-65535", service=key)
 
 
 # ---- the whole table, and changes to it ---------------------------------------------------
@@ -252,7 +257,7 @@ class State:
             for claim in rules.claims:
                 holder = claims.setdefault(claim, key)
                 if holder != key:
-                    raise RulesetError(f"service {key}: {_describe(claim)} is also {holder}'s")
+                    raise RulesetError(f"service {key}: {_describe(claim)} is also {holder}'s", service=key)
             hairpin.update(rules.local_addresses)
             for name, items in rules.elements.items():
                 if parse_group(name):
@@ -284,7 +289,7 @@ class State:
             for claim in new.claims:
                 holder = claims.setdefault(claim, key)
                 if holder != key:
-                    raise RulesetError(f"service {key}: {_describe(claim)} is also {holder}'s")
+                    raise RulesetError(f"service {key}: {_describe(claim)} is also {holder}'s", service=key)
 
         deletes: dict[str, set[str]] = {}
         adds: dict[str, set[str]] = {}
@@ -399,7 +404,7 @@ def _by_key(services: Iterable[ServiceEndpoints]) -> dict[str, ServiceEndpoints]
     out: dict[str, ServiceEndpoints] = {}
     for service in services:
         if service.key in out:
-            raise RulesetError(f"service {service.key}: listed twice")
+            raise RulesetError(f"service {service.key}: listed twice", service=service.key)
         out[service.key] = service
     return out
 

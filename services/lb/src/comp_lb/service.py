@@ -20,6 +20,7 @@ from comp_common.kv import open_bucket
 from comp_common.messages import EndpointCounter, ServiceEndpoints
 
 from .dataplane import Dataplane
+from .ruleset import RulesetError
 from .settings import LbSettings
 
 log = logging.getLogger("lb")
@@ -34,6 +35,7 @@ class LoadBalancer:
         self.desired: dict[str, ServiceEndpoints] = {}
         self.synced = asyncio.Event()  # set once the first sync has applied
         self.syncs = 0
+        self.refused: dict[str, ServiceEndpoints] = {}  # key -> the value the dataplane refused
         self._changed = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb-dataplane")
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,15 +103,29 @@ class LoadBalancer:
             await self._changed.wait()
             await asyncio.sleep(self.settings.lb.batch_seconds)
             self._changed.clear()
-            services = list(self.desired.values())
+            # A service the dataplane refused stays out until its value changes: one bad
+            # service must not hold every other service's updates back.
+            services = [s for key, s in self.desired.items() if self.refused.get(key) is not s]
             started = time.perf_counter()
             try:
                 report = await self._in_thread(self.dataplane.sync, services)
+            except RulesetError as exc:
+                if exc.service is not None and exc.service in self.desired:
+                    self.refused[exc.service] = self.desired[exc.service]
+                    log.error("a service cannot be programmed; the others are applied without it",
+                              extra={"service": exc.service, "error": str(exc)})
+                    self._changed.set()
+                    continue
+                log.error("dataplane sync refused; retrying", extra={"error": str(exc)[:2000]})
+                self._changed.set()
+                await asyncio.sleep(_RETRY_SECONDS)
+                continue
             except Exception as exc:
                 log.error("dataplane sync failed; retrying", extra={"error": str(exc)[:2000], "services": len(services)})
                 self._changed.set()
                 await asyncio.sleep(_RETRY_SECONDS)
                 continue
+            self.refused = {k: v for k, v in self.refused.items() if self.desired.get(k) is v}
             self.syncs += 1
             self.synced.set()
             log.info(
