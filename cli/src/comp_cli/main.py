@@ -210,6 +210,20 @@ def delete(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
 
 
 @cli.command()
+@click.argument("deployment")
+@click.argument("replicas", type=click.IntRange(min=0))
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def scale(ctx: click.Context, deployment: str, replicas: int, namespace: str) -> None:
+    """Set a deployment's replica count (within its autoscale bounds, if it has a policy)."""
+    body = client(ctx).json("POST", f"/v1/deployments/{namespace}/{deployment}/scale", json={"replicas": replicas})
+    if body["changed"]:
+        click.echo(f"deployment {namespace}/{deployment} scaled from {body['previous']} to {body['replicas']}")
+    else:
+        click.echo(f"deployment {namespace}/{deployment} already has {body['replicas']} replicas")
+
+
+@cli.command()
 @click.argument("kind", type=click.Choice(["deployment", "deploy", *SERVICE_KINDS]))
 @click.argument("name")
 @click.option("-n", "--namespace", default="default", show_default=True)

@@ -327,6 +327,54 @@ class UpdatePolicy(_Strict):
         return self
 
 
+class ScalingRules(_Strict):
+    """How fast one direction of autoscaling may go (Kubernetes HPA's ``behavior``).
+
+    ``stabilization``: a change in this direction follows the most conservative
+    recommendation of this window (scale-down: the highest; scale-up: the lowest), so a
+    brief dip or spike does not move the replica count.  Within any ``period``, the count
+    moves by at most the larger of ``max_replicas`` and ``max_percent`` of the count at the
+    period's start."""
+
+    stabilization: Duration = Field(default=0.0, ge=0, le=3600)
+    max_replicas: int = Field(default=4, ge=1)
+    max_percent: float = Field(default=100.0, gt=0)
+    period: Duration = Field(default=15.0, gt=0, le=3600)
+
+
+def _scale_down_rules() -> ScalingRules:
+    return ScalingRules(stabilization=300.0, max_replicas=1, max_percent=100.0)
+
+
+# Built-in metrics; any other name is a custom metric published for the deployment.
+BUILTIN_METRICS = ("cpu", "memory", "rps")
+
+
+class Autoscale(_Strict):
+    """Replicas follow a metric: desired = ceil(current x observed / target), within
+    [min, max], unless observed/target is within ``tolerance`` of 1.
+
+    ``metric``: ``cpu`` or ``memory`` (target: the average share of each replica's limit,
+    0.5 = 50%), ``rps`` (target: connections a second per replica, from the lb's counters),
+    or the name of a custom metric (target: its value per replica)."""
+
+    min: int = Field(default=1, ge=0, le=100_000)
+    max: int = Field(ge=1, le=100_000)
+    metric: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] = "cpu"
+    target: float = Field(gt=0)
+    tolerance: float = Field(default=0.1, ge=0, lt=1)
+    scale_up: ScalingRules = ScalingRules()
+    scale_down: ScalingRules = Field(default_factory=_scale_down_rules)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscale":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        if self.metric in ("cpu", "memory") and self.target > 10:
+            raise ValueError(f"a {self.metric} target is a share of the limit (0.5 = 50%), not {self.target}")
+        return self
+
+
 def _dependency(value: Any) -> Any:
     # Compose's short form: a bare name waits for that deployment to be healthy.
     if isinstance(value, str):
@@ -365,6 +413,8 @@ class DeploymentSpec(_Strict):
     stop_grace_period: Duration = Field(default=10.0, ge=0, le=3600)
     update: UpdatePolicy = UpdatePolicy()
     depends_on: list[Annotated[Dependency, BeforeValidator(_dependency)]] = Field(default_factory=list)
+    # Replicas follow a metric between min and max (the autoscaler writes `replicas`).
+    autoscale: Autoscale | None = None
 
     @field_validator("image")
     @classmethod
@@ -425,7 +475,7 @@ class DeploymentSpec(_Strict):
 # Part of a replica's identity, but only when set (see ``task_hash``).
 _RUN_FIELDS = {"health", "restart", "stop_signal", "stop_grace_period"}
 # How a change is rolled out and when replicas may start: never a reason to replace one.
-_ROLLOUT_FIELDS = {"update", "depends_on"}
+_ROLLOUT_FIELDS = {"update", "depends_on", "autoscale"}
 
 
 class Deployment(_Strict):

@@ -383,3 +383,50 @@ class ServiceLookup(Message):
 
     namespace: str = "default"
     name: str
+
+
+class TaskUsage(Message):
+    """One task's resource use over the last metrics period, from the runtime's counters."""
+
+    task_id: str
+    deployment: str
+    cpu_cores: float  # average over the period
+    cpu_share: float | None = None  # of the task's CPU limit; None without a limit
+    memory_bytes: int
+    memory_share: float | None = None  # of the task's memory limit
+
+
+class NodeMetrics(Message):
+    """Every running task's usage on a node, and the node's totals
+    (``comp.metrics.node.<node>``, every ``COMP_NODEAGENT__METRICS_SECONDS``)."""
+
+    node_id: str
+    at: float
+    period_seconds: float
+    tasks: list[TaskUsage] = Field(default_factory=list)
+    cpu_cores: float = 0.0  # sum over the tasks
+    memory_bytes: int = 0
+    capacity: Capacity | None = None
+    allocated: Capacity | None = None
+
+
+class CustomMetric(Message):
+    """A value any service may publish for a deployment's autoscaling
+    (``comp.metrics.custom.<namespace>.<deployment>``): ``value`` is the deployment's
+    total (queue length, say); the autoscaler divides it by the replicas."""
+
+    name: str  # the policy's ``metric``
+    value: float
+    at: float
+
+
+class ServiceRate(Message):
+    """Connections a second to a service's port on one host over the last period, from the
+    lb's counters (``comp.metrics.service.<namespace>.<name>``)."""
+
+    namespace: str
+    name: str
+    node_id: str
+    at: float
+    period_seconds: float
+    connections_per_second: float

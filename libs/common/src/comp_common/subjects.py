@@ -123,3 +123,21 @@ def endpoints_event(namespace: str, name: str) -> str:
 
 def lb_counters(namespace: str, name: str) -> str:
     return f"comp.lb.counters.{namespace}.{name}"
+
+
+# Resource and traffic metrics: control traffic, not kept in the event log.
+NODE_METRICS = "comp.metrics.node.*"
+SERVICE_RATES = "comp.metrics.service.*.*"
+CUSTOM_METRICS = "comp.metrics.custom.*.*"
+
+
+def node_metrics(node_id: str) -> str:
+    return f"comp.metrics.node.{node_id}"
+
+
+def service_rate(namespace: str, name: str) -> str:
+    return f"comp.metrics.service.{namespace}.{name}"
+
+
+def custom_metric(namespace: str, deployment: str) -> str:
+    return f"comp.metrics.custom.{namespace}.{deployment}"

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import nats.errors
+from nats.js.kv import KeyValue
 import redis.exceptions
 from faststream.exceptions import IncorrectState
 from faststream.nats import NatsBroker
@@ -56,6 +57,7 @@ class Backends:
         self._namespaces: NamespaceStore | None = None
         self._node_controls: NodeControlStore | None = None
         self._services: ServiceStore | None = None
+        self._buckets: dict[str, KeyValue] = {}
 
     def nats_connected(self) -> bool:
         try:
@@ -84,6 +86,12 @@ class Backends:
         assert self._services is not None
         return self._services
 
+    def bucket(self, name: str) -> KeyValue:
+        """A bucket opened at connect, for the helpers in libs/common that take one
+        (``comp_common.scaling``)."""
+        self.deployments()
+        return self._buckets[name]
+
     async def connect(self, retry_seconds: float = 1.0) -> None:
         """Connect to NATS and open what the api needs there, retrying until it works."""
         # Reconnects forever on its own (max_reconnect_attempts=-1), so this returns once connected.
@@ -104,6 +112,7 @@ class Backends:
             except _NATS_ERRORS as exc:
                 log.warning("cannot open JetStream state yet, retrying: %r", exc)
                 await asyncio.sleep(retry_seconds)
+        self._buckets = {subjects.DEPLOYMENTS_BUCKET: kv, subjects.NAMESPACES_BUCKET: namespaces}
         self._namespaces = NamespaceStore(namespaces)
         self._node_controls = NodeControlStore(node_controls)
         self._services = ServiceStore(services, endpoints)

@@ -10,11 +10,13 @@ from typing import Annotated, Any
 import nats.js.errors
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from comp_common import subjects
 from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, Service, parse_objects
 from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, ServiceEvent, TaskStatus
 from comp_common.quota import quota_violations, usage_after_apply
+from comp_common.scaling import ScaleRefused, scale_deployment
 from comp_common.telemetry import current_trace_id
 
 from .backends import NATS, REDIS, Backends, DependencyUnavailable
@@ -154,6 +156,50 @@ async def list_deployments(backends: BackendsDep, namespace: str | None = None) 
         stored = await store.list(namespace)
     states = await _deployment_states(backends)
     return [DeploymentView.of(s, _state_of(states, s.deployment.key)) for s in stored]
+
+
+class ScaleRequest(BaseModel):
+    replicas: int = Field(ge=0, le=100_000)
+
+
+class ScaleResponse(BaseModel):
+    namespace: str
+    name: str
+    replicas: int
+    previous: int
+    revision: int
+    changed: bool
+
+
+@router.post(
+    "/v1/deployments/{namespace}/{name}/scale",
+    response_model=ScaleResponse,
+    responses={
+        **_NOT_FOUND, **_UNAVAILABLE,
+        403: {"model": ErrorResponse, "description": "the namespace's quota would be exceeded"},
+        409: {"model": ErrorResponse, "description": "outside the deployment's autoscale bounds, or it kept changing"},
+    },
+)
+async def scale(namespace: NamePath, name: NamePath, request: ScaleRequest, backends: BackendsDep) -> ScaleResponse:
+    """Set the replica count, as the autoscaler does (``comp_common.scaling``): the
+    generation is kept, nothing restarts; a count outside an autoscale policy's bounds
+    is refused."""
+    async with backends.calling(NATS):
+        try:
+            scaled = await scale_deployment(
+                backends.bucket(subjects.DEPLOYMENTS_BUCKET), backends.bucket(subjects.NAMESPACES_BUCKET),
+                namespace, name, request.replicas,
+            )
+        except ScaleRefused as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+    if scaled.changed:
+        await _announce(backends, DeploymentEvent(
+            action="applied", namespace=namespace, name=name, revision=scaled.revision, generation=scaled.record.generation,
+        ))
+    return ScaleResponse(
+        namespace=namespace, name=name, replicas=scaled.record.deployment.spec.replicas, previous=scaled.previous,
+        revision=scaled.revision, changed=scaled.changed,
+    )
 
 
 @router.get(

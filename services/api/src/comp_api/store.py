@@ -61,9 +61,11 @@ class DeploymentStore:
     async def apply(self, deployment: Deployment) -> ApplyResult:
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
         key = subjects.deployment_key(namespace, name)
+        applied = deployment
         for _ in range(self._max_attempts):
             current = await get_model(self._kv, key, DeploymentRecord)
             now = self._clock()
+            deployment = _autoscaled_replicas(applied, current[0].deployment if current else None)
             if current is None:
                 record = DeploymentRecord(deployment=deployment, generation=1, created_at=now, updated_at=now)
                 last_revision = None
@@ -197,3 +199,17 @@ class DeploymentNotFound(LookupError):
 
 class RolloutRefused(Exception):
     """A rollout request that cannot be carried out as asked (answered 409)."""
+
+
+def _autoscaled_replicas(applied: Deployment, stored: Deployment | None) -> Deployment:
+    """Under an autoscale policy the replica count is the autoscaler's: an apply keeps the
+    stored count (brought within the policy's bounds) instead of resetting it, as
+    ``kubectl apply`` of a manifest without ``replicas`` leaves an HPA's count alone."""
+    policy = applied.spec.autoscale
+    if policy is None:
+        return applied
+    base = stored.spec.replicas if stored is not None else applied.spec.replicas
+    replicas = min(max(base, policy.min), policy.max)
+    if replicas == applied.spec.replicas:
+        return applied
+    return applied.model_copy(update={"spec": applied.spec.model_copy(update={"replicas": replicas})})
