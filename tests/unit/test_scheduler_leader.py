@@ -17,7 +17,7 @@ from comp_nodeagent.agent import Agent
 from comp_nodeagent.driver import RuntimeTask
 from comp_nodeagent.settings import NodeAgentGroup
 from comp_scheduler.applier import Applier, NotLeader
-from comp_scheduler.leader import Identity, LeaseElector, LeaseMachine, Step
+from comp_common.leader import Identity, LeaseElector, LeaseMachine, Step
 from comp_scheduler.state import ClusterState
 
 LEASE = 2.0

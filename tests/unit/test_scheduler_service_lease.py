@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from comp_scheduler.leader import RETOOK_OWN, Identity, LeaseElector
+from comp_common.leader import RETOOK_OWN, Identity, LeaseElector
 
 LEASE = 2.0
 

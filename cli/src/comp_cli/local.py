@@ -87,7 +87,7 @@ class ClusterConfig:
     grace_seconds: float = 3.0
     span_file: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    # Scheduler processes: one leads, the others stand by hot (see comp_scheduler.leader).
+    # Scheduler processes: one leads, the others stand by hot (see comp_common.leader).
     schedulers: int = 1
     networking: bool = True
     vip_cidr: str = "10.96.0.0/16"

@@ -18,6 +18,7 @@ ASSIGNMENTS_BUCKET = "comp-assignments"
 # acquired it is that holder's fencing epoch.
 LEASES_BUCKET = "comp-leases"
 SCHEDULER_LEASE_KEY = "scheduler"
+AUTOSCALER_LEASE_KEY = "autoscaler"
 NAMESPACES_BUCKET = "comp-namespaces"
 NODE_CONTROLS_BUCKET = "comp-node-controls"
 # Every applied version of every deployment, key ``revision_key(deployment key, generation)``.

@@ -55,7 +55,7 @@ from comp_common.observed import ObservedStore
 from comp_common.revisions import Revisions, last_healthy, open_revisions, returned_to, revision_of
 
 from .applier import Applier
-from .leader import RETOOK_OWN, ElectorThread, Identity
+from comp_common.leader import RETOOK_OWN, ElectorThread, Identity
 from .model import Plan
 from .reconcile import reconcile
 from .rollout import RolloutState, RolloutStep

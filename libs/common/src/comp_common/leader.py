@@ -1,4 +1,5 @@
-"""Leadership through a lease in a JetStream KV key: one scheduler acts, the others stand by.
+"""Leadership through a lease in a JetStream KV key: one instance of a role (the scheduler,
+the autoscaler) acts, the others stand by.
 
 Any number of contenders run.  The one whose record is in the lease key leads and renews
 it every ``renew_seconds``; the others read the key every ``check_seconds`` and take it
@@ -43,7 +44,7 @@ from enum import StrEnum
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from comp_common.messages import LeaseRecord
+from .messages import LeaseRecord
 
 log = logging.getLogger("scheduler.leader")
 
