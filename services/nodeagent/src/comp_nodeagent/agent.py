@@ -46,14 +46,16 @@ from comp_common.messages import (
     HealthState,
     Heartbeat,
     NodeAssignments,
+    NodeMetrics,
     Nudge,
     TaskSpec,
     TaskState,
     TaskStatus,
 )
 
-from .driver import EventWatch, RuntimeDriver, RuntimeTask, can_probe
+from .driver import EventWatch, RuntimeDriver, RuntimeTask, can_measure, can_probe
 from .health import Checker, ProbeResult, Verdict, exec_result, new_http_client, probe_http, probe_tcp, resolve_port
+from .metrics import RunningTask, UsageTracker
 from .settings import NodeAgentGroup
 
 log = logging.getLogger(__name__)
@@ -282,9 +284,9 @@ class Agent:
         publish: Publish,
         own_clock: bool = True,
     ):
-        """``own_clock`` False: the caller sends the heartbeats (``beat``) and asks for the
-        resyncs (``resync``) on its own schedule, as a fleet of hollow agents does for all
-        of them at once rather than with two timers per agent."""
+        """``own_clock`` False: the caller sends the heartbeats (``beat``), the metrics
+        (``publish_metrics``) and asks for the resyncs (``resync``) on its own schedule, as a
+        fleet of hollow agents does for all of them at once rather than with timers per agent."""
         self.settings = settings
         self._own_clock = own_clock
         # Started and not stopped: it heartbeats and acts.
@@ -317,6 +319,7 @@ class Agent:
         # container id -> why the agent stopped it (a failed liveness check).
         self._terminated: dict[str, str] = {}
         self._can_probe = can_probe(driver)
+        self._usage = UsageTracker()
         self._http: httpx.AsyncClient | None = None
         self._heartbeat_seq = 0
         # Tasks whose status changed since the last heartbeat: what a partial one carries.
@@ -394,6 +397,11 @@ class Agent:
                 asyncio.create_task(self._heartbeat_loop(), name="nodeagent-heartbeat"),
                 asyncio.create_task(self._resync_loop(), name="nodeagent-resync"),
             ]
+            if self.settings.metrics_period > 0:
+                if can_measure(self.driver):
+                    self._loops.append(asyncio.create_task(self._metrics_loop(), name="nodeagent-metrics"))
+                else:
+                    log.info("the runtime reports no resource use; no metrics", extra={"driver": self.driver.name})
         self.running = True
         self.request_reconcile("agent started")
         log.info("node agent started", extra={"node_id": self.node_id, "driver": self.driver.name})
@@ -564,6 +572,53 @@ class Agent:
             await self._publish(self.heartbeat(), subjects.node_heartbeat(self.node_id))
         except Exception:
             log.warning("could not publish heartbeat", exc_info=True)
+
+    async def publish_metrics(self) -> None:
+        """Sample every running task's resource use and publish one :class:`NodeMetrics` (see
+        ``own_clock``).  A task sampled for the first time has no CPU rate yet: it is in the
+        message from its second sample on.  Never raises: metrics are a report, and a
+        failure to make one must not disturb the tasks."""
+        if not can_measure(self.driver):
+            return
+        try:
+            message = await self._sample_metrics()
+            await self._publish(message, subjects.node_metrics(self.node_id))
+        except Exception:
+            log.warning("could not publish node metrics", exc_info=True)
+
+    async def _sample_metrics(self) -> NodeMetrics:
+        running: list[RunningTask] = []
+        for task_id, status in self._statuses.items():
+            spec = self._specs.get(task_id) or self._desired.get(task_id)
+            if status.state != TaskState.RUNNING or status.container_id is None or spec is None:
+                continue
+            running.append(RunningTask(task_id, status.deployment, status.container_id, spec.cpu, spec.memory))
+        before = time.monotonic()
+        counters = await self.driver.usage([task.container_id for task in running])
+        # The middle of the read stands for all its samples: reading many containers takes a
+        # few milliseconds, a small part of a period.
+        at = (before + time.monotonic()) / 2
+        usages, since = self._usage.observe(at, counters, running)
+        return NodeMetrics(
+            node_id=self.node_id,
+            at=time.time(),
+            period_seconds=round(since if since is not None else self.settings.metrics_period, 3),
+            tasks=usages,
+            cpu_cores=round(sum(u.cpu_cores for u in usages), 4),
+            memory_bytes=sum(u.memory_bytes for u in usages),
+            capacity=self.capacity,
+            allocated=self.allocated,
+        )
+
+    async def _metrics_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = self.settings.metrics_period
+        # On a fixed schedule, so that a slow sample does not stretch every later period.
+        due = loop.time()
+        while True:
+            await self.publish_metrics()
+            due = max(due + period, loop.time())
+            await asyncio.sleep(due - loop.time())
 
     async def _resync_loop(self) -> None:
         while True:

@@ -15,18 +15,20 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, InvalidVersion, NotFound
 
 from comp_common import labels
 from comp_common.messages import Capacity, TaskSpec
 
 from .driver import ALIVE_STATES, EventWatch, ExecOutcome, RuntimeTask, StartError
+from .metrics import DEFAULT_CGROUP_ROOT, CgroupUsage, Counters, counters_from_engine_stats
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,14 @@ def container_name(cluster: str, task_id: str) -> str:
 class DockerDriver:
     name = "docker"
 
-    def __init__(self, cluster: str, node_id: str, max_concurrency: int = 8, client: docker.DockerClient | None = None):
+    def __init__(
+        self,
+        cluster: str,
+        node_id: str,
+        max_concurrency: int = 8,
+        client: docker.DockerClient | None = None,
+        cgroup_root: str | Path = DEFAULT_CGROUP_ROOT,
+    ):
         self.cluster = cluster
         self.node_id = node_id
         # One pooled connection per engine thread and per waiting thread: a call never waits
@@ -78,6 +87,9 @@ class DockerDriver:
         # inspected, which is exact, until a listing agrees.
         self._ended_by_event: set[str] = set()
         self._ended_lock = threading.Lock()
+        self._cgroups = CgroupUsage(Path(cgroup_root))
+        # Until the engine refuses it: one-shot stats need API 1.41 (Docker 20.10).
+        self._one_shot_stats = True
 
     # ---- RuntimeDriver -----------------------------------------------------------------
     async def capacity(self) -> Capacity:
@@ -130,6 +142,39 @@ class DockerDriver:
             # in the container (the engine has no way to end an exec), as with Kubernetes.
             run.cancel()
             return ExecOutcome(None, f"no exit within {timeout:g}s")
+
+    async def usage(self, container_ids: Collection[str]) -> dict[str, Counters]:
+        """From the containers' cgroup files, or the engine's one-shot stats for those not
+        found there (the agent in a cgroup namespace of its own, an unknown layout): all at
+        once, as each may wait up to a second for the engine's collector.
+
+        On the waiting threads, not the engine's: a deploy's starts may hold every engine
+        thread, and a metrics sample should not queue behind them."""
+        loop = asyncio.get_running_loop()
+        counters, elsewhere = await loop.run_in_executor(self._waits, self._cgroups.read, list(container_ids))
+        if elsewhere:
+            from_engine = await asyncio.gather(
+                *(loop.run_in_executor(self._waits, self._engine_counters, container_id) for container_id in elsewhere)
+            )
+            counters.update((cid, found) for cid, found in zip(elsewhere, from_engine) if found is not None)
+        return counters
+
+    def _engine_counters(self, container_id: str) -> Counters | None:
+        try:
+            if self._one_shot_stats:
+                try:
+                    stats = self._client.api.stats(container_id, stream=False, one_shot=True)
+                except InvalidVersion:
+                    self._one_shot_stats = False
+            if not self._one_shot_stats:
+                # An older engine samples twice, a second apart: slow, but it is all there is.
+                stats = self._client.api.stats(container_id, stream=False)
+        except NotFound:
+            return None
+        except DockerException as exc:
+            log.warning("could not read container stats", extra={"container_id": container_id, "error": str(exc)})
+            return None
+        return counters_from_engine_stats(stats)
 
     async def watch(self, on_event: Callable[[str | None], None]) -> EventWatch:
         watch = _DockerEventWatch(

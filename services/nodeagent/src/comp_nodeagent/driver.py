@@ -7,7 +7,7 @@ another one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,6 +112,13 @@ class RuntimeDriver(Protocol):
         when it did not end within ``timeout`` or could not run."""
         ...
 
+    # Resource metrics.  Optional: see :func:`can_measure`.
+    async def usage(self, container_ids: Collection[str]) -> dict[str, tuple[float, int]]:
+        """Cumulative CPU seconds and current (working-set) memory bytes of each of these
+        containers that still runs; one that ended or cannot be measured is left out.  Called
+        every metrics period with every running task's container, so it must be cheap."""
+        ...
+
 
 def can_probe(driver: Any) -> bool:
     """Whether health checks can reach the runtime's containers.
@@ -123,6 +130,11 @@ def can_probe(driver: Any) -> bool:
     return callable(getattr(driver, "probe_target", None)) and callable(getattr(driver, "exec_check", None))
 
 
+def can_measure(driver: Any) -> bool:
+    """Whether the runtime reports its containers' resource use (no metrics are sent otherwise)."""
+    return callable(getattr(driver, "usage", None))
+
+
 def _docker(settings: NodeAgentSettings) -> RuntimeDriver:
     # Imported here so that other drivers do not need the docker SDK or an engine.
     from .docker_driver import DockerDriver
@@ -131,6 +143,7 @@ def _docker(settings: NodeAgentSettings) -> RuntimeDriver:
         cluster=settings.cluster,
         node_id=settings.nodeagent.node_id,
         max_concurrency=settings.nodeagent.parallelism,
+        cgroup_root=settings.nodeagent.cgroup_root,
     )
 
 
@@ -140,7 +153,12 @@ def _hollow(settings: NodeAgentSettings) -> RuntimeDriver:
     group = settings.nodeagent
     # Its "engine" reports the default size; COMP_NODEAGENT__CPU / __MEMORY override it in
     # the agent, as they do for a real engine.
-    return HollowDriver(group.node_id, start_seconds=group.hollow_start_seconds)
+    return HollowDriver(
+        group.node_id,
+        start_seconds=group.hollow_start_seconds,
+        task_cpu=group.hollow_task_cpu,
+        task_memory=group.hollow_task_memory,
+    )
 
 
 DRIVERS: dict[str, Callable[[NodeAgentSettings], RuntimeDriver]] = {"docker": _docker, "hollow": _hollow}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from comp_common.messages import Capacity, TaskSpec
@@ -51,11 +51,17 @@ class HollowDriver:
         cpu: float = DEFAULT_CPU,
         memory: int = DEFAULT_MEMORY,
         start_seconds: float = 0.0,
+        task_cpu: float = 0.0,
+        task_memory: int = 0,
         clock: Callable[[], float] = time.time,
     ):
+        """``task_cpu`` / ``task_memory``: the constant load every running task reports (cores,
+        bytes), a stand-in for real use when what reads the metrics is under test."""
         self.node_id = node_id
         self._capacity = Capacity(cpu=cpu, memory=memory)
         self.start_seconds = start_seconds
+        self.task_cpu = task_cpu
+        self.task_memory = task_memory
         self._clock = clock
         self._containers: dict[str, RuntimeTask] = {}  # container id -> task
         self._container_numbers = itertools.count(1)
@@ -104,6 +110,16 @@ class HollowDriver:
 
     async def close(self) -> None:
         pass
+
+    async def usage(self, container_ids: Collection[str]) -> dict[str, tuple[float, int]]:
+        now = self._clock()
+        out: dict[str, tuple[float, int]] = {}
+        for container_id in container_ids:
+            container = self._containers.get(container_id)
+            if container is not None and container.alive:
+                ran = max(0.0, now - (container.started_at or now))
+                out[container_id] = (self.task_cpu * ran, self.task_memory)
+        return out
 
     # ---- simulation --------------------------------------------------------------------
     def exit(self, task_id: str, exit_code: int = 1) -> bool:

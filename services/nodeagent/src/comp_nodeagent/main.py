@@ -261,6 +261,10 @@ def build_app(settings: NodeAgentSettings) -> FastStream:
         starting.append(asyncio.create_task(
             run_on_a_clock(agents, group.resync_seconds, Agent.resync), name="nodeagent-fleet-resyncs"
         ))
+        if group.metrics_period > 0:
+            starting.append(asyncio.create_task(
+                run_on_a_clock(agents, group.metrics_period, Agent.publish_metrics), name="nodeagent-fleet-metrics"
+            ))
         log.info("starting hollow nodes", extra={"count": len(agents), "over_seconds": spread})
 
     @app.on_shutdown

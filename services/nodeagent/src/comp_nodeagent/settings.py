@@ -12,7 +12,7 @@ from pydantic_settings import NoDecode
 
 from comp_common.manifest import DNS_LABEL, LABEL_KEY
 from comp_common.messages import Taint
-from comp_common.quantities import parse_optional_cpu, parse_optional_memory
+from comp_common.quantities import parse_memory, parse_optional_cpu, parse_optional_memory
 from comp_common.settings import CommonSettings
 
 
@@ -33,6 +33,7 @@ TAINT_EFFECTS = ("NoSchedule",)
 # read back unambiguously.
 TAINT_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
 TAINT_FORMAT = "key=value:NoSchedule or key:NoSchedule"
+DEFAULT_METRICS_SECONDS = 2.0
 
 
 def parse_taints(raw: Any) -> list[Taint]:
@@ -128,6 +129,16 @@ class NodeAgentGroup(BaseModel):
     count: int = Field(default=1, ge=1)
     # Simulated engine time to start one task, in the hollow driver.
     hollow_start_seconds: float = Field(default=0.0, ge=0)
+    # Period of the per-task usage published on comp.metrics.node.<node>; 0 turns it off.
+    # None: DEFAULT_METRICS_SECONDS for a single agent, off for a hollow fleet, whose
+    # thousands of messages a period would cost the scale bench for nothing it measures.
+    metrics_seconds: float | None = Field(default=None, ge=0)
+    # Where the host's cgroup hierarchy is mounted (the docker driver reads containers'
+    # counters there, and asks the engine for those it does not find).
+    cgroup_root: str = "/sys/fs/cgroup"
+    # Synthetic load of every running hollow task, for scale tests of what reads metrics.
+    hollow_task_cpu: float = Field(default=0.0, ge=0)
+    hollow_task_memory: int = Field(default=0, ge=0)
 
     @field_validator("node_id")
     @classmethod
@@ -147,6 +158,13 @@ class NodeAgentGroup(BaseModel):
                 raise ValueError(f"node id {longest!r} would be longer than 63 characters; use a shorter node_id")
         return self
 
+    @property
+    def metrics_period(self) -> float:
+        """Seconds between two metrics messages; 0: none are sent."""
+        if self.metrics_seconds is not None:
+            return self.metrics_seconds
+        return 0.0 if self.count > 1 else DEFAULT_METRICS_SECONDS
+
     def node_ids(self) -> list[str]:
         """The ids of the nodes this process runs."""
         if self.count == 1:
@@ -156,6 +174,7 @@ class NodeAgentGroup(BaseModel):
     _cpu = field_validator("cpu", mode="before")(parse_optional_cpu)
     _taints = field_validator("taints", mode="before")(parse_taints)
     _memory = field_validator("memory", mode="before")(parse_optional_memory)
+    _hollow_task_memory = field_validator("hollow_task_memory", mode="before")(parse_memory)
 
 
 class NodeAgentSettings(CommonSettings):
