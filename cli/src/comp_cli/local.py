@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from comp_common.messages import LeaderChange
 from comp_common.observed import ObservedStore
 
-SERVICES = ("api", "scheduler", "discovery", "lb")
+SERVICES = ("api", "scheduler", "discovery", "lb", "autoscaler")
 # Discovery and the lb give services their VIPs, DNS and rules; a cluster without them
 # (networking off) runs deployments only and leaves the host's nftables alone.
 NETWORKING_SERVICES = ("discovery", "lb")

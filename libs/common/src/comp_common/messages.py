@@ -430,3 +430,19 @@ class ServiceRate(Message):
     at: float
     period_seconds: float
     connections_per_second: float
+
+
+class AutoscaleDecision(Message):
+    """One autoscaler decision with its inputs and reason (``comp.evt.autoscale.<ns>.<name>``;
+    the last ones are kept in Redis for ``comp describe deployment``)."""
+
+    deployment: str  # namespace.name
+    at: float
+    metric: str
+    target: float
+    observed: float | None
+    samples: int  # replicas with a fresh sample
+    current: int
+    replicas: int
+    reason: str
+    changed: bool

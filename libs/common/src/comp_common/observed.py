@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from .messages import Capacity, Heartbeat, LeaderChange, Message, NodeInfo, Taint, TaskStatus, node_state
+from .messages import AutoscaleDecision, Capacity, Heartbeat, LeaderChange, Message, NodeInfo, Taint, TaskStatus, node_state
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -92,6 +92,7 @@ class ObservedStore:
         self._tasks = f"comp:{cluster}:tasks"
         self._deployments = f"comp:{cluster}:deployments"
         self._scheduler_leader = f"comp:{cluster}:scheduler:leader"
+        self._autoscale = f"comp:{cluster}:autoscale:"  # + deployment key: its last decisions
 
     async def put_nodes(self, nodes: Iterable[NodeRecord]) -> None:
         mapping = {n.node_id: n.model_dump_json() for n in nodes}
@@ -147,6 +148,16 @@ class ObservedStore:
     async def get_scheduler_leader(self) -> LeaderChange | None:
         raw = await self.r.get(self._scheduler_leader)
         return LeaderChange.model_validate_json(raw) if raw else None
+
+
+    async def put_autoscale_decision(self, decision: AutoscaleDecision, keep: int = 20) -> None:
+        key = self._autoscale + decision.deployment
+        await self.r.lpush(key, decision.model_dump_json())
+        await self.r.ltrim(key, 0, keep - 1)
+
+    async def list_autoscale_decisions(self, deployment: str, count: int = 10) -> list[AutoscaleDecision]:
+        """The deployment's last decisions, newest first."""
+        return [AutoscaleDecision.model_validate_json(v) for v in await self.r.lrange(self._autoscale + deployment, 0, count - 1)]
 
 
 def _decode(raw: dict, model: type[M]) -> list[M]:

@@ -142,3 +142,10 @@ def service_rate(namespace: str, name: str) -> str:
 
 def custom_metric(namespace: str, deployment: str) -> str:
     return f"comp.metrics.custom.{namespace}.{deployment}"
+
+# Every autoscaler decision that changed a count, or that was held back (published by autoscaler).
+AUTOSCALE_EVENTS = "comp.evt.autoscale.>"
+
+
+def autoscale_event(namespace: str, name: str) -> str:
+    return f"comp.evt.autoscale.{namespace}.{name}"
