@@ -16,7 +16,8 @@ from nats.aio.client import Client as NatsClient
 
 from comp_cli import main as cli_main
 from comp_common import subjects
-from comp_common.messages import DeploymentEvent, DeploymentRecord
+from comp_common.messages import AutoscaleDecision, DeploymentEvent, DeploymentRecord
+from comp_common.observed import ObservedStore, connect
 from served_api import serve_api
 
 
@@ -136,3 +137,24 @@ def test_comp_scale(nats_url, redis_url):
         assert refused.exit_code != 0 and "autoscales between 2 and 6" in refused.output
         shown = runner.invoke(cli_main.cli, ["--api", url, "get", "deployments", "-o", "json"])
         assert [d["manifest"]["spec"]["replicas"] for d in json.loads(shown.output)] == [4]
+
+
+async def test_describe_shows_the_last_decisions(nats_url, redis_url, cluster_name):
+    store = ObservedStore(connect(redis_url), cluster_name)
+    for at, current, replicas, reason in [(1.0, 2, 4, "cpu 0.90 of target 0.50 (ratio 1.80): 2 -> 4"),
+                                          (2.0, 4, 4, "scale-down held by the 300 s stabilization window (highest recommendation 4): holding at 4")]:
+        await store.put_autoscale_decision(AutoscaleDecision(
+            deployment="shop.web", at=at, metric="cpu", target=0.5, observed=0.9, samples=2,
+            current=current, replicas=replicas, reason=reason, changed=current != replicas,
+        ))
+    with serve_api(nats_url, redis_url, cluster=cluster_name) as url:
+        runner = CliRunner()
+        assert runner.invoke(cli_main.cli, ["--api", url, "apply", "-f", "-"], input=SCALED_WEB).exit_code == 0
+        listed = httpx.get(f"{url}/v1/deployments/shop/web/autoscale").json()
+        assert [d["reason"][:10] for d in listed] == ["scale-down", "cpu 0.90 o"], "newest first"
+        shown = runner.invoke(cli_main.cli, ["--api", url, "describe", "deployment", "web", "-n", "shop"])
+        assert shown.exit_code == 0, shown.output
+        assert "Autoscale:   2..6 replicas on cpu, target 0.5" in shown.output
+        assert "2 -> 4: cpu 0.90 of target 0.50 (ratio 1.80): 2 -> 4" in shown.output
+        assert "4 -> 4: scale-down held by the 300 s stabilization window" in shown.output
+    await store.r.aclose()

@@ -21,10 +21,10 @@ from waiting import wait_until
 
 
 @contextmanager
-def serve_api(nats_url: str, redis_url: str) -> Iterator[str]:
+def serve_api(nats_url: str, redis_url: str, cluster: str | None = None) -> Iterator[str]:
     """The served api's URL, healthy, for as long as the block runs."""
     settings = ApiSettings(
-        cluster=f"t{uuid.uuid4().hex[:8]}", nats=NatsSettings(url=nats_url, connect_timeout=1), redis=RedisSettings(url=redis_url)
+        cluster=cluster or f"t{uuid.uuid4().hex[:8]}", nats=NatsSettings(url=nats_url, connect_timeout=1), redis=RedisSettings(url=redis_url)
     )
     provider = TracerProvider()
     app = create_app(settings, make_broker(settings.nats, "api", provider), ObservedStore(connect(redis_url), settings.cluster), provider)

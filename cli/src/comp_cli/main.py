@@ -261,6 +261,17 @@ def describe(ctx: click.Context, kind: str, name: str, namespace: str) -> None:
             lines.append(f"  stopped {s['task_id']} on {s['node_id']}: {s['reason']}")
         if placement.get("pending"):
             lines.append(f"  pending {placement['pending']}: {placement['pending_reason']}")
+    policy = spec.get("autoscale")
+    if policy:
+        lines.append(f"Autoscale:   {policy['min']}..{policy['max']} replicas on {policy['metric']}, target {policy['target']:g} "
+                     f"(tolerance {policy['tolerance']:g}; down after {policy['scale_down']['stabilization']:g} s)")
+        response = c.request("GET", f"/v1/deployments/{namespace}/{name}/autoscale", params={"count": 5})
+        decisions = response.json() if response.status_code == 200 else []
+        for decision in decisions:
+            when = time.strftime("%H:%M:%S", time.localtime(decision["at"]))
+            lines.append(f"  {when}  {decision['current']} -> {decision['replicas']}: {decision['reason']}")
+        if not decisions:
+            lines.append("  (no decision recorded yet)")
     tasks = [t for t in c.json("GET", "/v1/tasks", params={"deployment": f"{namespace}.{name}"})]
     lines.append("Tasks:")
     lines.append(tasks_table(tasks) if tasks else "  (none)")

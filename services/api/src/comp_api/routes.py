@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from comp_common import subjects
 from comp_common.manifest import DNS_LABEL, Deployment, ManifestError, Service, parse_objects
-from comp_common.messages import DeploymentEvent, NodeInfo, PlacementEvent, ServiceEvent, TaskStatus
+from comp_common.messages import AutoscaleDecision, DeploymentEvent, NodeInfo, PlacementEvent, ServiceEvent, TaskStatus
 from comp_common.quota import quota_violations, usage_after_apply
 from comp_common.scaling import ScaleRefused, scale_deployment
 from comp_common.telemetry import current_trace_id
@@ -260,6 +260,13 @@ async def list_tasks(
     async with backends.calling(REDIS):
         tasks = await backends.observed.list_tasks()
     return [t for t in tasks if (deployment is None or t.deployment == deployment) and (node is None or t.node_id == node)]
+
+
+@router.get("/v1/deployments/{namespace}/{name}/autoscale", response_model=list[AutoscaleDecision], responses=_UNAVAILABLE)
+async def autoscale_decisions(namespace: NamePath, name: NamePath, backends: BackendsDep, count: int = 10) -> list[AutoscaleDecision]:
+    """The autoscaler's last decisions for the deployment (changes and holds), newest first."""
+    async with backends.calling(REDIS):
+        return await backends.observed.list_autoscale_decisions(subjects.deployment_key(namespace, name), max(1, min(count, 20)))
 
 
 @router.get("/v1/nodes", response_model=list[NodeInfo], responses=_UNAVAILABLE)
