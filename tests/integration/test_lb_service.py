@@ -139,3 +139,19 @@ def test_an_unusable_dataplane_is_refused_with_its_reason(nats_url, monkeypatch)
         build_app(settings(nats_url, "unusable"))
     with pytest.raises(DataplaneUnavailable, match="no dataplane named 'nope'; there are .*nftables"):
         build_app(settings(nats_url, "nope"))
+
+
+async def test_rates_from_the_counters(lb):
+    service, dataplane, _, nc = lb
+    await wait_for(lambda: "default.before" in dataplane.last(), what="the first sync")
+    counts = iter([100, 160, 160, 160])
+    dataplane.counters = lambda namespace, name: [
+        EndpointCounter(node_id="n1", port="http", target="", packets=next(counts), bytes=0),
+        EndpointCounter(node_id="n1", port="http", target="172.17.0.2:8080", packets=999, bytes=0),
+    ]
+    assert await service.rates(10.0) == [], "a first reading has nothing to compare with"
+    [rate] = await service.rates(12.0)
+    assert (rate.name, rate.connections_per_second, rate.period_seconds) == ("before", 30.0, 2.0)
+    [stopped] = await service.rates(14.0)
+    assert stopped.connections_per_second == 0.0, "the fall to zero is reported once"
+    assert await service.rates(16.0) == [], "then a quiet service costs nothing"

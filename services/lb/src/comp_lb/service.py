@@ -17,7 +17,8 @@ from faststream.nats import NatsBroker
 
 from comp_common import subjects
 from comp_common.kv import open_bucket
-from comp_common.messages import EndpointCounter, ServiceEndpoints
+from comp_common.broker import raw_publisher
+from comp_common.messages import EndpointCounter, ServiceEndpoints, ServiceRate
 
 from .dataplane import Dataplane
 from .ruleset import RulesetError
@@ -36,6 +37,8 @@ class LoadBalancer:
         self.synced = asyncio.Event()  # set once the first sync has applied
         self.syncs = 0
         self.refused: dict[str, ServiceEndpoints] = {}  # key -> the value the dataplane refused
+        self._connections: dict[str, tuple[float, int]] = {}  # key -> (when, connections counted)
+        self._last_rate: dict[str, float] = {}
         self._changed = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb-dataplane")
         self._tasks: list[asyncio.Task[None]] = []
@@ -47,6 +50,8 @@ class LoadBalancer:
             asyncio.create_task(self._watch(initial), name="lb-watch"),
             asyncio.create_task(self._sync_forever(), name="lb-sync"),
         ]
+        if self.settings.lb.rates_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._rates_forever(), name="lb-rates"))
         await initial  # every service present when the watch began is in `desired`
 
     async def stop(self) -> None:
@@ -60,6 +65,40 @@ class LoadBalancer:
 
     async def counters(self, namespace: str, name: str) -> list[EndpointCounter]:
         return await self._in_thread(self.dataplane.counters, namespace, name)
+
+    async def rates(self, now: float) -> list[ServiceRate]:
+        """Connections a second per service since the last call: the port counters' rise
+        over the time between.  A service is reported while its rate is not zero, and once
+        more when it falls to zero, so a quiet service costs nothing."""
+        out = []
+        for key, service in list(self.desired.items()):
+            counters = await self.counters(service.namespace, service.name)
+            connections = sum(c.packets for c in counters if c.target == "")
+            before = self._connections.get(key)
+            self._connections[key] = (now, connections)
+            if before is None or now <= before[0]:
+                continue
+            rate = max(0, connections - before[1]) / (now - before[0])
+            if rate > 0 or self._last_rate.get(key, 0.0) > 0:
+                out.append(ServiceRate(
+                    namespace=service.namespace, name=service.name, node_id=self.settings.lb.node_id, at=now,
+                    period_seconds=now - before[0], connections_per_second=rate,
+                ))
+            self._last_rate[key] = rate
+        for gone in set(self._connections) - set(self.desired):
+            self._connections.pop(gone, None)
+            self._last_rate.pop(gone, None)
+        return out
+
+    async def _rates_forever(self) -> None:
+        publish = raw_publisher(self.broker)
+        while True:
+            await asyncio.sleep(self.settings.lb.rates_seconds)
+            try:
+                for rate in await self.rates(time.time()):
+                    await publish(rate, subjects.service_rate(rate.namespace, rate.name))
+            except Exception:
+                log.warning("could not publish service rates", exc_info=True)
 
     async def _in_thread(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)

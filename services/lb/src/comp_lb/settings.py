@@ -20,6 +20,9 @@ class LbGroup(BaseModel):
     # Remove the rules on exit.  Off by default: traffic keeps flowing through a restart,
     # and the next lb's first sync reconciles whatever it finds.
     cleanup_on_exit: bool = False
+    # Each service's connections a second from the counters, published this often for the
+    # autoscaler's rps policies (comp.metrics.service.<ns>.<name>); 0 turns it off.
+    rates_seconds: float = Field(default=2.0, ge=0)
 
 
 class LbSettings(CommonSettings):
