@@ -156,3 +156,12 @@ async def _at_least(world, n):
 
 async def _equals(world, n):
     return await world.replicas() == n
+
+
+async def test_a_task_its_node_no_longer_lists_is_forgotten(world):
+    world, autoscaler = world
+    await world.apply()
+    await world.load(0.5, 3)
+    await wait_for(lambda: len(autoscaler.usage.get("default.web", {})) == 3, what="three tasks' usage")
+    await world.load(0.5, 1)
+    await wait_for(lambda: set(autoscaler.usage.get("default.web", {})) == {"t0"}, what="t1 and t2 forgotten")

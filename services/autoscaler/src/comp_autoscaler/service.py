@@ -58,6 +58,7 @@ class Autoscaler:
         # deployment key -> task id -> (at, cpu share, memory share)
         self.usage: dict[str, dict[str, tuple[float, float | None, float | None]]] = {}
         self._task_deployment: dict[str, str] = {}
+        self._node_tasks: dict[str, set[str]] = {}
         self.rates: dict[str, dict[str, tuple[float, float]]] = {}  # service key -> node -> (at, conn/s)
         self.custom: dict[str, dict[str, tuple[float, float]]] = {}  # deployment key -> metric -> (at, total)
         self.memory: dict[str, Memory] = {}
@@ -109,6 +110,13 @@ class Autoscaler:
 
     # ---- inputs ------------------------------------------------------------------------
     def on_node_metrics(self, metrics: NodeMetrics) -> None:
+        # A report lists every running task of its node: one it no longer lists is gone.
+        listed = {usage.task_id for usage in metrics.tasks}
+        for task_id in self._node_tasks.get(metrics.node_id, set()) - listed:
+            deployment = self._task_deployment.pop(task_id, None)
+            if deployment is not None:
+                self.usage.get(deployment, {}).pop(task_id, None)
+        self._node_tasks[metrics.node_id] = listed
         for usage in metrics.tasks:
             previous = self._task_deployment.get(usage.task_id)
             if previous is not None and previous != usage.deployment:
@@ -159,14 +167,15 @@ class Autoscaler:
         """The policy's metric as strategy samples, and how many replicas report usage."""
         policy = deployment.spec.autoscale
         assert policy is not None
-        tasks = self.usage.get(key, {})
+        # Replicas whose node has gone quiet are not counted as ready, nor are their samples.
+        fresh_after = now - self._stale_after()
+        tasks = {task_id: entry for task_id, entry in self.usage.get(key, {}).items() if entry[0] >= fresh_after}
         ready = len(tasks)
         if policy.metric in ("cpu", "memory"):
             index = 1 if policy.metric == "cpu" else 2
             return [Sample(task_id, entry[0], entry[index]) for task_id, entry in tasks.items() if entry[index] is not None], ready
         current = deployment.spec.replicas
         if policy.metric == "rps":
-            fresh_after = now - self._stale_after()
             total, latest, seen = 0.0, 0.0, False
             for service_key, service in self.services.items():
                 if service.metadata.namespace == deployment.metadata.namespace and service.spec.selector.selects(deployment):
