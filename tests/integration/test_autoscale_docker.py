@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
+
+from comp_cli import main as cli_main
 
 from comp_cli.local import ClusterConfig, LocalCluster
 from waiting import wait_until
@@ -36,6 +39,13 @@ spec:
     target: 0.5
     scale_up: {period: 1s}
     scale_down: {stabilization: 6s, period: 1s}
+"""
+
+# More than any node here has: pending, and the capacity summary says it does not fit.
+HUGE = """
+kind: Deployment
+metadata: {name: huge}
+spec: {replicas: 1, image: comp/busybox:test, command: [sleep, "3600"], resources: {cpu: 500, memory: 16Mi}}
 """
 
 WEB = """
@@ -99,6 +109,22 @@ def test_cpu_burners_scale_up_and_back_down_after_the_window(cluster, docker_cli
     # One burner at its whole 0.2-core limit against a 0.5 target: 1 -> 2 -> 3 (max).
     wait_until(lambda: replicas(cluster, "burn") == 3, timeout=90, what="3 replicas on CPU load")
     wait_until(lambda: len(running(docker_client, cluster, "burn")) == 3, timeout=60, what="3 burners running")
+    # What they use, as comp top shows it.
+    def burning():
+        tasks = [t for t in httpx.get(f"{cluster.config.api_url}/v1/top/tasks", timeout=5).json() if t["deployment"] == "default.burn"]
+        return tasks if len(tasks) == 3 and all(t["cpu_share"] > 0.5 for t in tasks) else None
+
+    wait_until(burning, timeout=20, what="three burners near their limit in /v1/top/tasks")
+    [node] = httpx.get(f"{cluster.config.api_url}/v1/top/nodes", timeout=5).json()
+    assert node["used_cpu"] > 0.3 and node["used_memory"] > 0 and node["allocated"]["cpu"] >= 0.6
+    shown = CliRunner().invoke(cli_main.cli, ["--api", cluster.config.api_url, "top", "nodes"])
+    assert shown.exit_code == 0 and node["node_id"] in shown.output and "cluster: 1/1 nodes ready" in shown.output, shown.output
+    assert httpx.get(f"{cluster.config.api_url}/v1/capacity", timeout=5).json()["fits"] is True
+    apply(cluster, HUGE)
+    summary = httpx.get(f"{cluster.config.api_url}/v1/capacity", timeout=5).json()
+    assert summary["fits"] is False and "cpu: 500.6 cores desired" in summary["shortfall"], summary
+    assert httpx.delete(f"{cluster.config.api_url}/v1/deployments/default/huge", timeout=5).status_code < 300
+
     for container in running(docker_client, cluster, "burn"):
         container.exec_run(["touch", "/tmp/stop"])
     idle_at = time.monotonic()

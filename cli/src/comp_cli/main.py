@@ -444,6 +444,53 @@ def nodes_table(items: list[dict]) -> str:
     return table(["NODE", "STATE", "DRIVER", "TASKS", "CPU", "MEMORY", "HEARTBEAT"], rows)
 
 
+@cli.command()
+@click.argument("kind", type=click.Choice(["nodes", "node", "tasks", "task"]))
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def top(ctx: click.Context, kind: str, output: str) -> None:
+    """What each node has, has promised and uses, or what each task uses (from the agents' metrics)."""
+    c = client(ctx)
+    if kind.startswith("node"):
+        items = c.json("GET", "/v1/top/nodes")
+        summary = c.json("GET", "/v1/capacity")
+        if output == "json":
+            click.echo(json.dumps({"nodes": items, "capacity": summary}, indent=2))
+            return
+        rows = [[n["node_id"], n["state"],
+                 f"{n['allocatable']['cpu']:.2f}", f"{n['allocated']['cpu']:.2f}", _used_cpu(n["used_cpu"]),
+                 format_memory(n["allocatable"]["memory"]), format_memory(n["allocated"]["memory"]), _used_memory(n["used_memory"]),
+                 str(n["tasks"])] for n in items]
+        click.echo(table(["NODE", "STATE", "CPU ALLOCATABLE", "ALLOCATED", "USED", "MEMORY ALLOCATABLE", "ALLOCATED", "USED", "TASKS"], rows))
+        desired = summary["desired"]
+        click.echo(f"\ncluster: {summary['ready_nodes']}/{summary['nodes']} nodes ready; cpu {summary['allocated']['cpu']:.2f} "
+                   f"of {summary['allocatable']['cpu']:.2f} allocated, {summary['used_cpu']:.2f} used, {desired['cpu']:.2f} desired; "
+                   f"memory {format_memory(summary['allocated']['memory'])} of {format_memory(summary['allocatable']['memory'])} "
+                   f"allocated, {format_memory(summary['used_memory'])} used")
+        if not summary["fits"]:
+            click.echo(f"what is desired does not fit: {summary['shortfall']}")
+        return
+    items = c.json("GET", "/v1/top/tasks")
+    if output == "json":
+        click.echo(json.dumps(items, indent=2))
+        return
+    rows = [[t["task_id"], t["deployment"].replace(".", "/", 1), t["node_id"], f"{t['cpu_cores']:.3f}", _share(t["cpu_share"]),
+             format_memory(t["memory_bytes"]), _share(t["memory_share"])] for t in items]
+    click.echo(table(["TASK", "DEPLOYMENT", "NODE", "CPU", "OF LIMIT", "MEMORY", "OF LIMIT"], rows))
+
+
+def _used_cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _used_memory(value: int | None) -> str:
+    return "-" if value is None else format_memory(value)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]

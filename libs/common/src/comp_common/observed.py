@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from .messages import AutoscaleDecision, Capacity, Heartbeat, LeaderChange, Message, NodeInfo, Taint, TaskStatus, node_state
+from .messages import AutoscaleDecision, Capacity, Heartbeat, LeaderChange, NodeMetrics, Message, NodeInfo, Taint, TaskStatus, node_state
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -93,6 +93,7 @@ class ObservedStore:
         self._deployments = f"comp:{cluster}:deployments"
         self._scheduler_leader = f"comp:{cluster}:scheduler:leader"
         self._autoscale = f"comp:{cluster}:autoscale:"  # + deployment key: its last decisions
+        self._node_metrics = f"comp:{cluster}:metrics:nodes"  # node -> its last NodeMetrics
 
     async def put_nodes(self, nodes: Iterable[NodeRecord]) -> None:
         mapping = {n.node_id: n.model_dump_json() for n in nodes}
@@ -149,6 +150,14 @@ class ObservedStore:
         raw = await self.r.get(self._scheduler_leader)
         return LeaderChange.model_validate_json(raw) if raw else None
 
+
+    async def put_node_metrics(self, metrics: Iterable[NodeMetrics]) -> None:
+        mapping = {m.node_id: m.model_dump_json() for m in metrics}
+        if mapping:
+            await self.r.hset(self._node_metrics, mapping=mapping)
+
+    async def list_node_metrics(self) -> list[NodeMetrics]:
+        return _decode(await self.r.hgetall(self._node_metrics), NodeMetrics)
 
     async def put_autoscale_decision(self, decision: AutoscaleDecision, keep: int = 20) -> None:
         key = self._autoscale + decision.deployment

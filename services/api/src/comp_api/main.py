@@ -25,6 +25,7 @@ from .control_routes import router as control_router
 from .rollout_routes import router as rollout_router
 from .routes import manifest_schemas, router
 from .service_routes import router as service_router
+from .capacity_routes import router as capacity_router
 from .settings import ApiSettings
 from .tracing import RequestTracingMiddleware
 
@@ -67,6 +68,7 @@ def create_app(
     app.include_router(control_router)
     app.include_router(rollout_router)
     app.include_router(service_router)
+    app.include_router(capacity_router)
     app.add_middleware(RequestTracingMiddleware, tracer_provider=tracer_provider)
 
     @app.exception_handler(DependencyUnavailable)

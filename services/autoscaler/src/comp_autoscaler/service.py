@@ -59,6 +59,7 @@ class Autoscaler:
         self.usage: dict[str, dict[str, tuple[float, float | None, float | None]]] = {}
         self._task_deployment: dict[str, str] = {}
         self._node_tasks: dict[str, set[str]] = {}
+        self._unsaved: dict[str, NodeMetrics] = {}  # the latest report of each node, for Redis
         self.rates: dict[str, dict[str, tuple[float, float]]] = {}  # service key -> node -> (at, conn/s)
         self.custom: dict[str, dict[str, tuple[float, float]]] = {}  # deployment key -> metric -> (at, total)
         self.memory: dict[str, Memory] = {}
@@ -117,6 +118,7 @@ class Autoscaler:
             if deployment is not None:
                 self.usage.get(deployment, {}).pop(task_id, None)
         self._node_tasks[metrics.node_id] = listed
+        self._unsaved[metrics.node_id] = metrics
         for usage in metrics.tasks:
             previous = self._task_deployment.get(usage.task_id)
             if previous is not None and previous != usage.deployment:
@@ -245,12 +247,19 @@ class Autoscaler:
         if self.store is not None:
             await self.store.put_autoscale_decision(record)
 
+    async def _save_metrics(self) -> None:
+        # `comp top` reads usage from Redis (observed state); the leader keeps it current.
+        if self.store is not None and self._unsaved:
+            unsaved, self._unsaved = self._unsaved, {}
+            await self.store.put_node_metrics(unsaved.values())
+
     async def _evaluate_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.autoscaler.evaluate_seconds)
             if not self.leading:
                 continue
             try:
+                await self._save_metrics()
                 await self.evaluate()
             except Exception:
                 log.exception("an autoscaling round failed; the next one tries again")
