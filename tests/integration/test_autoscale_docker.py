@@ -4,6 +4,7 @@ scales on its request rate through its service VIP."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -12,12 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
+import nats.errors
 import pytest
 from click.testing import CliRunner
 
 from comp_cli import main as cli_main
 
 from comp_cli.local import ClusterConfig, LocalCluster
+from comp_common import subjects
+from comp_common.messages import CapacityEvent
 from waiting import wait_until
 
 pytestmark = pytest.mark.docker
@@ -91,6 +96,23 @@ def cluster(tmp_path: Path, docker_client, busybox_image) -> Iterator[LocalClust
         local.stop(purge_workloads=True)
 
 
+async def capacity_events(cluster: LocalCluster) -> list[CapacityEvent]:
+    """Every capacity event so far, from the event log."""
+    nc = await nats.connect(cluster.config.nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.subscribe(subjects.CAPACITY_EVENTS, ordered_consumer=True)
+        found = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                return found
+            found.append(CapacityEvent.model_validate_json(msg.data))
+    finally:
+        await nc.close()
+
+
 def replicas(cluster: LocalCluster, name: str) -> int:
     return httpx.get(f"{cluster.config.api_url}/v1/deployments/default/{name}", timeout=5).json()["manifest"]["spec"]["replicas"]
 
@@ -123,7 +145,10 @@ def test_cpu_burners_scale_up_and_back_down_after_the_window(cluster, docker_cli
     apply(cluster, HUGE)
     summary = httpx.get(f"{cluster.config.api_url}/v1/capacity", timeout=5).json()
     assert summary["fits"] is False and "cpu: 500.6 cores desired" in summary["shortfall"], summary
+    short = wait_until(lambda: [e for e in asyncio.run(capacity_events(cluster)) if not e.fits], timeout=10, what="a capacity event")
+    assert short[-1].pending["default.huge"]["count"] == 1
     assert httpx.delete(f"{cluster.config.api_url}/v1/deployments/default/huge", timeout=5).status_code < 300
+    wait_until(lambda: asyncio.run(capacity_events(cluster))[-1].fits, timeout=10, what="fits again, said by an event")
 
     for container in running(docker_client, cluster, "burn"):
         container.exec_run(["touch", "/tmp/stop"])

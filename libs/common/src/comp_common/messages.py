@@ -446,3 +446,13 @@ class AutoscaleDecision(Message):
     replicas: int
     reason: str
     changed: bool
+
+
+class CapacityEvent(Message):
+    """The set of deployments with tasks the scheduler cannot place changed
+    (``comp.evt.capacity``): ``fits`` False while any has, with each one's count and reason
+    (no node with enough free cpu, memory, or matching its constraints)."""
+
+    fits: bool
+    pending: dict[str, dict[str, str | int]] = Field(default_factory=dict)  # deployment -> {count, reason}
+    at: float

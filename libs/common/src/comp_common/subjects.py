@@ -149,3 +149,6 @@ AUTOSCALE_EVENTS = "comp.evt.autoscale.>"
 
 def autoscale_event(namespace: str, name: str) -> str:
     return f"comp.evt.autoscale.{namespace}.{name}"
+
+# The scheduler can no longer place everything that is desired, or can again.
+CAPACITY_EVENTS = "comp.evt.capacity"

@@ -39,6 +39,7 @@ from comp_common.aio import Slots
 from comp_common.broker import raw_publisher
 from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model, read_model
 from comp_common.messages import (
+    CapacityEvent,
     ControlEvent,
     DeploymentEvent,
     DeploymentRecord,
@@ -51,11 +52,11 @@ from comp_common.messages import (
     TaskState,
     TaskStatus,
 )
+from comp_common.leader import RETOOK_OWN, ElectorThread, Identity
 from comp_common.observed import ObservedStore
 from comp_common.revisions import Revisions, last_healthy, open_revisions, returned_to, revision_of
 
 from .applier import Applier
-from comp_common.leader import RETOOK_OWN, ElectorThread, Identity
 from .model import Plan
 from .reconcile import reconcile
 from .rollout import RolloutState, RolloutStep
@@ -125,6 +126,8 @@ class Scheduler:
         self.elector: ElectorThread | None = None
         # The epoch whose takeover (reload, restamp) is done: rounds run only under it.
         self._ready_epoch: int | None = None
+        # What the last round could not place, per deployment: a change is a CapacityEvent.
+        self._last_pending: dict[str, dict[str, str | int]] = {}
         # A takeover has completed in this process: its state then follows every write.
         self._led_before = False
         self._takeover: asyncio.Task | None = None
@@ -460,6 +463,12 @@ class Scheduler:
         span.set_attribute("comp.plan.places", len(plan.places))
         span.set_attribute("comp.plan.stops", len(plan.stops))
         reasons = {p.deployment: p.reason for p in plan.pending}
+        pending = {p.deployment: {"count": p.count, "reason": p.reason} for p in plan.pending}
+        if pending != self._last_pending:
+            self._last_pending = pending
+            self._in_background(self.broker.publish(
+                CapacityEvent(fits=not pending, pending=pending, at=time.time()), subjects.CAPACITY_EVENTS
+            ))
         old_reasons = self.state.pending_reasons
         self.state.touched.update(k for k in old_reasons.keys() | reasons.keys() if old_reasons.get(k) != reasons.get(k))
         self.state.pending_reasons = reasons
