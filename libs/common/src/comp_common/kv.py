@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
 from typing import TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
@@ -49,7 +52,7 @@ async def read_model(kv: KeyValue, key: str, model: type[M]) -> tuple[M | None, 
     except KeyNotFoundError as exc:
         deleted = getattr(exc, "entry", None)
         return None, (deleted.revision or 0) if deleted is not None else 0
-    if entry.value is None or entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE")):
+    if entry.value is None or is_deletion(entry):
         return None, entry.revision or 0
     return model.model_validate_json(entry.value), entry.revision or 0
 
@@ -87,3 +90,31 @@ async def list_models(kv: KeyValue, model: type[M]) -> dict[str, tuple[M, int]]:
         if found is not None:
             out[key] = found
     return out
+
+
+def is_deletion(entry: KeyValue.Entry) -> bool:
+    return entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE"))
+
+
+async def watch_bucket(
+    kv: KeyValue, handle: Callable[[str, bytes | None], None], log: logging.Logger, retry_seconds: float = 1.0
+) -> None:
+    """Forever: ``handle(key, value)`` for every value in the bucket and every change to come
+    (``None`` for a deletion).  A value ``handle`` cannot parse (it raises ValueError) is
+    logged and skipped; a watch that ends (NATS away) is started again, from the bucket's
+    present values, so a consumer is level-triggered across reconnects."""
+    while True:
+        try:
+            watcher = await kv.watchall()
+            async for entry in watcher:
+                if entry is None:
+                    continue  # the end of the values present when the watch began
+                try:
+                    handle(entry.key, None if is_deletion(entry) else entry.value)
+                except ValueError:
+                    log.warning("dropped a bucket entry that does not parse", extra={"key": entry.key}, exc_info=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("a bucket watch ended; starting it again", exc_info=True)
+            await asyncio.sleep(retry_seconds)

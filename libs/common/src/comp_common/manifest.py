@@ -478,17 +478,22 @@ _RUN_FIELDS = {"health", "restart", "stop_signal", "stop_grace_period"}
 _ROLLOUT_FIELDS = {"update", "depends_on", "autoscale"}
 
 
-class Deployment(_Strict):
+class _Object(_Strict):
+    """What every kind has: ``apiVersion``, ``metadata``, and its key ``namespace.name``."""
+
     api_version: Literal["comp/v1"] = Field(default=API_VERSION, alias="apiVersion")
-    kind: Literal["Deployment"] = "Deployment"
     metadata: Metadata
-    spec: DeploymentSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @property
     def key(self) -> str:
         return f"{self.metadata.namespace}.{self.metadata.name}"
+
+
+class Deployment(_Object):
+    kind: Literal["Deployment"] = "Deployment"
+    spec: DeploymentSpec
 
 
 def _port_number(value: Any) -> int:
@@ -576,17 +581,9 @@ class ServiceSpec(_Strict):
         return self
 
 
-class Service(_Strict):
-    api_version: Literal["comp/v1"] = Field(default=API_VERSION, alias="apiVersion")
+class Service(_Object):
     kind: Literal["Service"] = "Service"
-    metadata: Metadata
     spec: ServiceSpec
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @property
-    def key(self) -> str:
-        return f"{self.metadata.namespace}.{self.metadata.name}"
 
 
 KINDS = ("Deployment", "Service")

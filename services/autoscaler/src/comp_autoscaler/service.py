@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable
 
 from faststream.nats import NatsBroker
-from nats.js.kv import KeyValue
 
 from comp_common import subjects
 from comp_common.broker import raw_publisher
-from comp_common.kv import open_bucket
+from comp_common.kv import open_bucket, watch_bucket
 from comp_common.leader import ElectorThread, Identity
 from comp_common.manifest import Deployment, Service
 from comp_common.messages import (
@@ -83,8 +82,8 @@ class Autoscaler:
         )
         await self.elector.start()
         self._tasks = [
-            asyncio.create_task(self._watch(self.deployments_kv, self._on_deployment), name="autoscaler-deployments"),
-            asyncio.create_task(self._watch(services_kv, self._on_service), name="autoscaler-services"),
+            asyncio.create_task(watch_bucket(self.deployments_kv, self._on_deployment, log), name="autoscaler-deployments"),
+            asyncio.create_task(watch_bucket(services_kv, self._on_service, log), name="autoscaler-services"),
             asyncio.create_task(self._evaluate_forever(), name="autoscaler-evaluate"),
         ]
 
@@ -145,24 +144,6 @@ class Autoscaler:
             self.services.pop(key, None)
         else:
             self.services[key] = ServiceRecord.model_validate_json(value).service
-
-    async def _watch(self, kv: KeyValue, handle: Callable[[str, bytes | None], None]) -> None:
-        while True:
-            try:
-                watcher = await kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        continue
-                    deleted = entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE"))
-                    try:
-                        handle(entry.key, None if deleted else entry.value)
-                    except ValueError:
-                        log.warning("dropped a bucket entry that does not parse", extra={"key": entry.key})
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("a bucket watch ended; starting it again", exc_info=True)
-                await asyncio.sleep(1.0)
 
     # ---- decisions ---------------------------------------------------------------------
     def samples_of(self, key: str, deployment: Deployment, now: float) -> tuple[list[Sample], int]:

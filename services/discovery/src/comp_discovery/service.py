@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nats.js.kv import KeyValue
 from faststream.nats import NatsBroker
 
 from comp_common import subjects
 from comp_common.broker import raw_publisher
-from comp_common.kv import ConflictError, list_models, open_bucket, put_model
+from comp_common.kv import ConflictError, list_models, open_bucket, put_model, watch_bucket
 from comp_common.manifest import Deployment, Service
 from comp_common.messages import (
     DeploymentRecord,
@@ -84,8 +83,8 @@ class Discovery:
                 self.node_seen.setdefault(status.node_id, now)
         await self.resync()
         self._tasks = [
-            asyncio.create_task(self._watch(self.services_kv, self._on_service_entry), name="discovery-watch-services"),
-            asyncio.create_task(self._watch(self.deployments_kv, self._on_deployment_entry), name="discovery-watch-deployments"),
+            asyncio.create_task(watch_bucket(self.services_kv, self._on_service_entry, log), name="discovery-watch-services"),
+            asyncio.create_task(watch_bucket(self.deployments_kv, self._on_deployment_entry, log), name="discovery-watch-deployments"),
             asyncio.create_task(self._flush_forever(), name="discovery-flush"),
             asyncio.create_task(self._resync_forever(), name="discovery-resync"),
             asyncio.create_task(self._liveness_forever(), name="discovery-liveness"),
@@ -264,24 +263,6 @@ class Discovery:
             log.info("freed a virtual IP", extra={"service": key, "vip": vip})
 
     # ---- clocks ------------------------------------------------------------------------
-    async def _watch(self, kv: KeyValue, handle: Callable[[str, bytes | None], None]) -> None:
-        while True:
-            try:
-                watcher = await kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        continue  # the end of the values present when the watch began
-                    deleted = entry.operation is not None and str(entry.operation).endswith(("DEL", "PURGE"))
-                    try:
-                        handle(entry.key, None if deleted else entry.value)
-                    except Exception:
-                        log.warning("dropped a bucket entry that does not parse", extra={"key": entry.key}, exc_info=True)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("a bucket watch ended; starting it again", exc_info=True)
-                await asyncio.sleep(1.0)
-
     async def _resync_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.discovery.resync_seconds)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from faststream.nats import NatsBroker
 
 from comp_common import subjects
-from comp_common.kv import open_bucket
+from comp_common.kv import is_deletion, open_bucket
 from comp_common.broker import raw_publisher
 from comp_common.messages import EndpointCounter, ServiceEndpoints, ServiceRate
 
@@ -118,7 +118,7 @@ class LoadBalancer:
                             initial.set_result(None)
                         self._changed.set()
                         continue
-                    self._on_entry(fresh if fresh is not None else self.desired, entry.key, entry.value, entry.operation)
+                    self._on_entry(fresh if fresh is not None else self.desired, entry.key, None if is_deletion(entry) else entry.value)
                     if fresh is None:
                         self._changed.set()
             except asyncio.CancelledError:
@@ -128,8 +128,8 @@ class LoadBalancer:
                 await asyncio.sleep(_RETRY_SECONDS)
 
     @staticmethod
-    def _on_entry(into: dict[str, ServiceEndpoints], key: str, value: bytes | None, operation: object) -> None:
-        if operation is not None and str(operation).endswith(("DEL", "PURGE")) or not value:
+    def _on_entry(into: dict[str, ServiceEndpoints], key: str, value: bytes | None) -> None:
+        if not value:
             into.pop(key, None)
             return
         try:
