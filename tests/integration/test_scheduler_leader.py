@@ -137,6 +137,9 @@ async def test_standby_takes_over_a_half_applied_deploy_and_fences_the_old_leade
         epoch_a = a.acting_epoch()
         record = await lease_record(leases)
         assert record is not None and record.name == "a" and record.holder == a.identity.holder
+        # Both nodes known first, or the 6 replicas may all go to the one heard from so far
+        # (seen once in CI) and n1 would have no assignments to half-write below.
+        await wait_for(lambda: _ready_nodes(a), what="the leader sees both nodes")
 
         await apply(nc, deployments, "web", 6)
         web = await wait_for(lambda: _placed(assignments, "default.web", 6), what="6 web replicas placed")
@@ -230,6 +233,10 @@ async def _one_leader(*schedulers):
 
 async def _leads(scheduler):
     return scheduler.leading
+
+
+async def _ready_nodes(scheduler) -> bool:
+    return {n for n, e in scheduler.state.nodes.items() if e.status.value == "ready"} == {"n1", "n2"}
 
 
 async def _placed(assignments, deployment: str, n: int) -> list[str] | None:

@@ -206,7 +206,12 @@ def test_a_client_reaches_the_service_by_vip_and_dns_and_traffic_follows_the_rep
     # Its replacement (the agent restarts it) and a new replica get traffic within 1 s of ready.
     apply(cluster, web("comp/busybox:test", 4))
     view = ready_endpoints(cluster, 4)
-    tasks = httpx.get(f"{cluster.config.api_url}/v1/tasks", timeout=5).json()
+    # The api's task view (the scheduler's, in Redis) can trail discovery's: wait until it
+    # too has all four ready, so that the newest ready_since is the fourth replica's.
+    tasks = wait_until(
+        lambda: (ts := httpx.get(f"{cluster.config.api_url}/v1/tasks", timeout=5).json()) and sum(t["ready"] for t in ts) == 4 and ts,
+        timeout=20, what="four ready tasks in the api",
+    )
     newest_ready = max(t["ready_since"] for t in tasks if t["ready"])
     prober.wait_past(newest_ready + 2)
     current = hostnames(docker_client, cluster)
