@@ -10,6 +10,7 @@ import time
 from functools import partial
 
 import nats
+import nats.errors
 import pytest
 from faststream import TestApp
 from waiting import eventually
@@ -127,7 +128,16 @@ async def test_a_refused_service_does_not_hold_the_others_back(lb):
 
 async def test_counters_are_answered_over_nats(lb):
     _, dataplane, _, nc = lb
-    reply = await nc.request(subjects.lb_counters("default", "before"), b"", timeout=5)
+    await wait_for(lambda: "default.before" in dataplane.last(), what="the first sync")
+
+    async def answered():
+        # FastStream subscribes once the app has started: until then the server has no responder.
+        try:
+            return await nc.request(subjects.lb_counters("default", "before"), b"", timeout=5)
+        except nats.errors.NoRespondersError:
+            return None
+
+    reply = await wait_for(answered, what="the lb answering counters")
     assert [EndpointCounter.model_validate(c) for c in json.loads(reply.data)] == [
         EndpointCounter(node_id="n1", port="http", target="", packets=7, bytes=420)
     ]
