@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +31,7 @@ from comp_common.manifest import Port
 from comp_common.messages import Heartbeat, NodeAssignments, Nudge, TaskSpec, TaskState, TaskStatus
 from comp_nodeagent.docker_driver import DockerDriver
 from comp_nodeagent.driver import StartError
+from processes import stop_process
 
 pytestmark = pytest.mark.docker
 
@@ -169,14 +169,7 @@ class Cluster:
         return proc
 
     def stop_agent(self, proc: subprocess.Popen) -> int:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return stop_process(proc)
 
     def containers(self, docker_client: docker.DockerClient) -> list[dict[str, Any]]:
         """The engine's summaries (Id, State, Labels) of this cluster's containers, from one call:

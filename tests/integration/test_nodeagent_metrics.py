@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
 import time
@@ -22,6 +21,7 @@ from comp_common import subjects
 from comp_common.kv import open_bucket
 from comp_common.messages import NodeAssignments, NodeMetrics, Nudge, TaskSpec
 from comp_nodeagent.docker_driver import DockerDriver
+from processes import stop_process
 
 pytestmark = pytest.mark.docker
 
@@ -69,13 +69,7 @@ def agent_process(nats_url: str, cluster_name: str, tmp_path: Path):
     start.log = log  # type: ignore[attr-defined]
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 async def test_busy_task_uses_its_cpu_limit_and_idle_one_nothing(
