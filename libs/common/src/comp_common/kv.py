@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
@@ -75,21 +75,68 @@ async def put_json(kv: KeyValue, key: str, data: bytes, last_revision: int | Non
         raise ConflictError(f"{key} changed concurrently") from exc
 
 
-async def list_keys(kv: KeyValue) -> list[str]:
+class ListingTimeout(RuntimeError):
+    """A bucket's present values did not all arrive in time (NATS slow or away)."""
+
+
+async def read_entries(
+    kv: KeyValue, keys: str = ">", include_history: bool = False, timeout: float = 10.0
+) -> list[KeyValue.Entry]:
+    """Every entry under ``keys`` (a key or a pattern) present when called, deletions
+    included, oldest first; with ``include_history`` every kept version, else the latest
+    of each key.
+
+    Why not nats-py's ``keys()``/``history()``: they stop at the watch's "initial values
+    done" marker, which the client puts in as soon as the server reports nothing pending
+    and the subscription has received nothing yet, which is also the case while the
+    values are on the wire.  A listing then came back empty (the api listed no deployment
+    right after an apply, in CI).  Here the end is the stream's last sequence under
+    ``keys``, read first: the watch delivers in sequence order, and the last message of
+    the pattern is the last of its key, so it (or a newer one) is always delivered.
+    """
+    # nats-py keeps the bucket's stream, subject prefix and JetStream context private.
+    js, stream, prefix = kv._js, kv._stream, kv._pre  # noqa: SLF001
     try:
-        return await kv.keys()
-    except NoKeysError:
+        last = (await js.get_last_msg(stream, f"{prefix}{keys}")).seq
+    except NotFoundError:
         return []
+    watcher = await kv.watch(keys, include_history=include_history, meta_only=False)
+    entries: list[KeyValue.Entry] = []
+    try:
+        async with asyncio.timeout(timeout):
+            async for entry in watcher:
+                if entry is None:
+                    continue  # the client's marker: not trusted, see above
+                entries.append(entry)
+                if (entry.revision or 0) >= last:
+                    break
+    except TimeoutError as exc:
+        raise ListingTimeout(
+            f"listing {stream} {keys}: {len(entries)} entries in {timeout:.0f} s, the last by sequence ({last}) never came"
+        ) from exc
+    finally:
+        await watcher.stop()
+    return entries
 
 
-async def list_models(kv: KeyValue, model: type[M]) -> dict[str, tuple[M, int]]:
-    """Every live key with its value and revision."""
-    out: dict[str, tuple[M, int]] = {}
-    for key in await list_keys(kv):
-        found = await get_model(kv, key, model)
-        if found is not None:
-            out[key] = found
-    return out
+def _latest_live(entries: list[KeyValue.Entry]) -> dict[str, KeyValue.Entry]:
+    latest: dict[str, KeyValue.Entry] = {}
+    for entry in entries:  # oldest first, so a later version of a key replaces the earlier
+        latest[entry.key] = entry
+    return {key: e for key, e in latest.items() if e.value is not None and not is_deletion(e)}
+
+
+async def list_keys(kv: KeyValue, keys: str = ">") -> list[str]:
+    """Every live key (under ``keys``)."""
+    return list(_latest_live(await read_entries(kv, keys)))
+
+
+async def list_models(kv: KeyValue, model: type[M], keys: str = ">") -> dict[str, tuple[M, int]]:
+    """Every live key (under ``keys``) with its value and revision."""
+    return {
+        key: (model.model_validate_json(e.value), e.revision or 0)
+        for key, e in _latest_live(await read_entries(kv, keys)).items()
+    }
 
 
 def is_deletion(entry: KeyValue.Entry) -> bool:

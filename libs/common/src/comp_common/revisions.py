@@ -15,7 +15,6 @@ winner's; the api's store rewrites it from the deployment key's history when it 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from faststream.nats import NatsBroker
@@ -23,7 +22,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from . import subjects
-from .kv import ConflictError, get_model, open_bucket, put_model
+from .kv import ConflictError, get_model, list_models, open_bucket, put_model
 from .messages import DeploymentRecord, RevisionRecord
 
 
@@ -90,23 +89,9 @@ class Revisions:
     async def list(self, deployment: str, up_to: int | None = None) -> list[RevisionRecord]:
         """The deployment's revisions, oldest first; with ``up_to``, none past that generation
         (the orphans of applies that lost their compare-and-set are past the current one)."""
-        if up_to is not None:
-            # Read by key: a watch's "that was everything" marker came before the last value
-            # once in CI (an abort then found no earlier revision), and the keys are known.
-            found = await asyncio.gather(*(self.get(deployment, g) for g in range(1, up_to + 1)))
-            return [r for r in found if r is not None]
-        prefix = subjects.revision_prefix(deployment)
         # Every key one token below the deployment's key is one of its revisions.
-        watcher = await self.kv.watch(f"{deployment}.*", ignore_deletes=True)
-        records: list[RevisionRecord] = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # the values that existed when the watch began are all in
-                    break
-                if entry.key.startswith(prefix) and entry.value:
-                    records.append(RevisionRecord.model_validate_json(entry.value))
-        finally:
-            await watcher.stop()
+        found = await list_models(self.kv, RevisionRecord, f"{deployment}.*")
+        records = (record for record, _ in found.values() if up_to is None or record.generation <= up_to)
         return sorted(records, key=lambda r: r.generation)
 
     async def mark_healthy(self, deployment: str, generation: int, at: float, attempts: int = 5) -> RevisionRecord | None:

@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from comp_common import subjects
-from comp_common.kv import ConflictError, get_model, list_models, put_model
+from comp_common.kv import ConflictError, get_model, list_models, put_model, read_entries
 from comp_common.manifest import Deployment
 from comp_common.messages import DeploymentRecord, RevisionRecord
 from comp_common.revisions import Revisions
@@ -140,10 +139,7 @@ class DeploymentStore:
         """After losing a compare-and-set: the winner may have reached the same generation,
         and our revision write, if it landed after the winner's, replaced its record.  The
         deployment key's own history says what the winner wrote."""
-        try:
-            entries = await self._kv.history(key)
-        except NoKeysError:
-            return
+        entries = await read_entries(self._kv, key, include_history=True)
         winner: DeploymentRecord | None = None
         latest = 0
         for entry in entries:
