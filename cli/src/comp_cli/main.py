@@ -16,6 +16,7 @@ import httpx
 from comp_common.messages import LeaderChange
 from comp_common.quantities import format_memory
 
+from . import audit_cmd, events_cmd, trace_cmd
 from .images import DEFAULT_BUSYBOX_TAG, ImageError, import_busybox
 from .local import ClusterConfig, ClusterError, LocalCluster
 
@@ -681,6 +682,11 @@ def import_busybox_cmd(tag: str) -> None:
     except ImageError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"{tag} {image_id[:19]}")
+
+
+# ---- the record: events, audit, traces (each in its own module) --------------------------
+for _module in (events_cmd, audit_cmd, trace_cmd):
+    _module.register(cli, client)
 
 
 if __name__ == "__main__":

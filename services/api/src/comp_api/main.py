@@ -26,6 +26,10 @@ from .rollout_routes import router as rollout_router
 from .routes import manifest_schemas, router
 from .service_routes import router as service_router
 from .capacity_routes import router as capacity_router
+from .audit_routes import router as audit_router
+from .catalog_routes import router as catalog_router
+from .event_routes import router as event_router
+from .trace_routes import router as trace_router
 from .settings import ApiSettings
 from .tracing import RequestTracingMiddleware
 
@@ -69,6 +73,10 @@ def create_app(
     app.include_router(rollout_router)
     app.include_router(service_router)
     app.include_router(capacity_router)
+    app.include_router(event_router)
+    app.include_router(audit_router)
+    app.include_router(catalog_router)
+    app.include_router(trace_router)
     app.add_middleware(RequestTracingMiddleware, tracer_provider=tracer_provider)
 
     @app.exception_handler(DependencyUnavailable)
