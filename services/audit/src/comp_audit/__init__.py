@@ -1,0 +1,1 @@
+"""COMP's audit service: a tamper-evident log of every API request and every event."""
