@@ -7,8 +7,11 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Slots:
@@ -88,3 +91,16 @@ def contain_collections(logger: logging.Logger, over_seconds: float = 0.1) -> Ca
 
     gc.callbacks.append(on_collection)
     return on_collection  # for gc.callbacks.remove
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """``asyncio.wait_for`` that cannot swallow a cancellation.
+
+    Python 3.11's ``wait_for`` returns the inner result when the task is cancelled in the
+    same moment the inner awaitable completes, so the cancellation is lost: a ``while True``
+    loop around it then never ends, and the ``gather`` that stops it hangs (the scheduler's
+    shutdown hung so in CI).  ``asyncio.timeout`` raises the cancellation as it should.
+    Raises ``TimeoutError`` as ``wait_for`` does.
+    """
+    async with asyncio.timeout(seconds):
+        return await awaitable

@@ -44,6 +44,7 @@ from enum import StrEnum
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from .aio import within
 from .messages import LeaseRecord
 
 log = logging.getLogger("scheduler.leader")
@@ -243,7 +244,7 @@ class LeaseElector:
             return
         try:
             # On our revision only: never delete a record someone else has written since.
-            await asyncio.wait_for(self.kv.delete(self.key, last=revision), self.op_timeout)
+            await within(self.kv.delete(self.key, last=revision), self.op_timeout)
             log.info("lease released", extra={"key": self.key, "holder": self.identity.holder})
         except Exception as exc:
             log.warning("could not release the lease; it will go stale instead", extra={"error": repr(exc)})
@@ -282,7 +283,7 @@ class LeaseElector:
         record = machine.next_record(step, self.wall())
         sent_at = self.clock()
         try:
-            revision = await asyncio.wait_for(self._write(step, record), self.op_timeout)
+            revision = await within(self._write(step, record), self.op_timeout)
         except KeyWrongLastSequenceError:
             was_leading = machine.epoch is not None
             machine.conflicted()
@@ -303,7 +304,7 @@ class LeaseElector:
 
     async def _read(self) -> tuple[int | None, LeaseRecord | None]:
         try:
-            entry = await asyncio.wait_for(self.kv.get(self.key), self.op_timeout)
+            entry = await within(self.kv.get(self.key), self.op_timeout)
         except KeyNotFoundError:
             return None, None  # absent, or deleted by a holder that let go
         if not entry.value:

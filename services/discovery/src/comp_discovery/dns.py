@@ -43,6 +43,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+from comp_common.aio import within
 from comp_common.manifest import DNS_LABEL
 from comp_common.messages import Endpoint, ServiceEndpoints
 
@@ -321,19 +322,19 @@ class DnsServer:
     async def _serve_queries(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> None:
         while True:
             try:
-                prefix = await asyncio.wait_for(reader.readexactly(2), self._tcp_idle_timeout)
+                prefix = await within(reader.readexactly(2), self._tcp_idle_timeout)
             except asyncio.IncompleteReadError as error:
                 if error.partial:
                     raise
                 return  # the client closed between queries: the normal end
             (length,) = struct.unpack("!H", prefix)
             # A client that sends a length then stalls counts as idle too.
-            wire = await asyncio.wait_for(reader.readexactly(length), self._tcp_idle_timeout)
+            wire = await within(reader.readexactly(length), self._tcp_idle_timeout)
             reply = respond(wire, self._answerer, over_tcp=True, max_udp_payload=self._max_udp_payload, peer=peer)
             if reply is None:
                 return  # no header to answer: the stream is not DNS, or we lost its framing
             writer.write(struct.pack("!H", len(reply)) + reply)
-            await asyncio.wait_for(writer.drain(), self._tcp_idle_timeout)
+            await within(writer.drain(), self._tcp_idle_timeout)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

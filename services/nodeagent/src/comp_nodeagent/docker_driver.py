@@ -25,6 +25,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, InvalidVersion, NotFound
 
 from comp_common import labels
+from comp_common.aio import within
 from comp_common.messages import Capacity, TaskSpec
 
 from .driver import ALIVE_STATES, EventWatch, ExecOutcome, RuntimeTask, StartError
@@ -136,7 +137,7 @@ class DockerDriver:
         run = _Exec(self._client, container_id, list(command))
         future = asyncio.get_running_loop().run_in_executor(self._waits, run.run)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await within(asyncio.shield(future), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             # Closing the stream ends the thread's read at once.  The command itself runs on
             # in the container (the engine has no way to end an exec), as with Kubernetes.

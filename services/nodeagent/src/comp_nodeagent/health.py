@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from comp_common.aio import within
 from comp_common.manifest import HealthCheck
 from comp_common.messages import HealthState, TaskSpec
 
@@ -102,7 +103,7 @@ async def probe_http(client: httpx.AsyncClient, host: str, port: int, path: str,
 async def probe_tcp(host: str, port: int, timeout: float) -> ProbeResult:
     what = f"TCP connect to :{port}"
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        _, writer = await within(asyncio.open_connection(host, port), timeout)
     except (asyncio.TimeoutError, TimeoutError):
         return ProbeResult(False, f"{what} timed out after {timeout:g}s")
     except OSError as exc:

@@ -35,7 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from comp_common import subjects
-from comp_common.aio import Slots
+from comp_common.aio import Slots, within
 from comp_common.broker import raw_publisher
 from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model, read_model
 from comp_common.messages import (
@@ -897,7 +897,7 @@ class Scheduler:
         returned = self._echoes[token] = asyncio.get_running_loop().create_future()
         try:
             await connection.publish(self._echo.subject, token.encode())
-            await asyncio.wait_for(returned, bound)
+            await within(returned, bound)
         except Exception as exc:
             log.warning("heartbeats could not be caught up with before a liveness check", extra={"error": repr(exc)})
             return
@@ -968,7 +968,7 @@ class Scheduler:
         period = self.settings.scheduler.flush_seconds
         while True:
             try:
-                await asyncio.wait_for(self._flush_wanted.wait(), period)
+                await within(self._flush_wanted.wait(), period)
             except TimeoutError:
                 pass
             self._flush_wanted.clear()
