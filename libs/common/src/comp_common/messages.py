@@ -361,6 +361,9 @@ class ServiceEndpoints(Message):
     ports: list[EndpointPort] = Field(default_factory=list)
     endpoints: list[Endpoint] = Field(default_factory=list)
     updated_at: float = 0.0
+    # W3C traceparent of discovery's span that wrote this value, when a traced task event
+    # caused it: the lb's sync continues that trace.  Not part of what the value means.
+    trace_parent: str | None = Field(default=None, max_length=128)
 
     @property
     def key(self) -> str:

@@ -29,6 +29,15 @@ class TelemetrySettings(BaseModel):
     otlp_endpoint: str | None = None
     # Finished spans are appended here as JSON lines, one span a line; tests read them back.
     span_file: Path | None = None
+    # Finished spans are also published on NATS (comp.spans.<trace id>) and kept by the
+    # COMP_SPANS stream, which `comp trace` reads: the oldest go first past either bound.
+    spans_to_nats: bool = True
+    span_stream_max_age_seconds: float = Field(default=24 * 3600, gt=0)
+    span_stream_max_bytes: int = Field(default=256 * 1024**2, gt=0)
+    # How often finished spans are sent, and how many may wait for a send; beyond that
+    # (NATS slow or away) they are dropped and counted, never held against the service.
+    span_batch_seconds: float = Field(default=0.2, gt=0)
+    span_queue_size: int = Field(default=4096, ge=1)
 
 
 class LogSettings(BaseModel):
@@ -36,6 +45,13 @@ class LogSettings(BaseModel):
     json_format: bool = Field(default=True, alias="json")
 
     model_config = {"populate_by_name": True}
+
+
+class MetricsSettings(BaseModel):
+    # Prometheus' /metrics on host:port (COMP_METRICS__PORT); 0 serves none.  The api
+    # serves its own on its app instead.
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
 
 
 class NodeLivenessSettings(BaseModel):
@@ -57,6 +73,15 @@ class NodeLivenessSettings(BaseModel):
     disruption_hold_seconds: float = Field(default=30.0, ge=0)
 
 
+class EventLogSettings(BaseModel):
+    """Retention of the ``COMP_EVENTS`` stream (``COMP_EVENTS__MAX_AGE_SECONDS``, ...): the
+    older events go first once either bound is passed.  Every service that ensures the
+    stream asks for these, and an existing stream is brought to them."""
+
+    max_age_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    max_bytes: int = Field(default=1024**3, gt=0)
+
+
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="COMP_",
@@ -71,3 +96,5 @@ class CommonSettings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     log: LogSettings = LogSettings()
     liveness: NodeLivenessSettings = NodeLivenessSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    events: EventLogSettings = EventLogSettings()

@@ -152,3 +152,20 @@ def autoscale_event(namespace: str, name: str) -> str:
 
 # The scheduler can no longer place everything that is desired, or can again.
 CAPACITY_EVENTS = "comp.evt.capacity"
+
+# Finished spans of every service, one subject per trace (published by every service's
+# tracer, read back by the api's /v1/traces); kept by the COMP_SPANS stream, not the event log.
+SPANS_STREAM = "COMP_SPANS"
+SPAN_SUBJECTS = "comp.spans.*"
+
+
+def span_subject(trace_id: str) -> str:
+    return f"comp.spans.{trace_id}"
+
+# One record per API request (published by api after answering, consumed by audit);
+# kept by the COMP_API_REQUESTS stream until the audit log holds it.
+API_REQUESTS_STREAM = "COMP_API_REQUESTS"
+API_REQUEST_SUBJECT = "comp.audit.request"
+# Request/reply to the audit service: records matching filters, and the chain's verification.
+AUDIT_QUERY = "comp.audit.query"
+AUDIT_VERIFY = "comp.audit.verify"
