@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from comp_common import subjects
 from comp_common.broker import typed_callback
 from comp_common.messages import CustomMetric, NodeMetrics, ServiceRate
+from comp_common.metrics import for_subject
 
 from .service import Autoscaler, log
 
@@ -21,9 +22,12 @@ async def subscribe_metrics(connection: Client, autoscaler: Autoscaler) -> list[
     async def custom(msg: Msg) -> None:
         # comp.metrics.custom.<namespace>.<deployment>: the deployment is in the subject.
         _, _, _, namespace, name = msg.subject.split(".")
+        counted = for_subject(msg.subject)
+        counted.received.inc()
         try:
             metric = CustomMetric.model_validate_json(msg.data)
         except ValidationError as exc:
+            counted.dropped("invalid")
             log.warning("dropped a message that is not a CustomMetric", extra={"subject": msg.subject, "error": str(exc)[:300]})
             return
         autoscaler.on_custom_metric(subjects.deployment_key(namespace, name), metric)

@@ -9,6 +9,7 @@ from nats.aio.subscription import Subscription
 
 from comp_common.broker import ensure_event_stream, make_broker
 from comp_common.logs import configure_logging
+from comp_common.metrics import serve_metrics
 from comp_common.observed import ObservedStore, connect
 from comp_common.telemetry import setup_tracing
 
@@ -19,7 +20,7 @@ from .settings import AutoscalerSettings
 
 def build_app(settings: AutoscalerSettings) -> tuple[FastStream, Autoscaler]:
     configure_logging("autoscaler", settings.log)
-    provider = setup_tracing("autoscaler", settings.telemetry)
+    provider = setup_tracing("autoscaler", settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, "autoscaler", provider)
     autoscaler = Autoscaler(settings, broker, ObservedStore(connect(settings.redis.url), settings.cluster))
     app = FastStream(broker)
@@ -28,7 +29,7 @@ def build_app(settings: AutoscalerSettings) -> tuple[FastStream, Autoscaler]:
     @app.on_startup
     async def starting() -> None:
         await broker.connect()
-        await ensure_event_stream(broker)
+        await ensure_event_stream(broker, settings.events)
         await autoscaler.start()
         inputs.extend(await subscribe_metrics(broker.connection, autoscaler))
 
@@ -42,5 +43,7 @@ def build_app(settings: AutoscalerSettings) -> tuple[FastStream, Autoscaler]:
 
 
 def run() -> None:
-    app, _ = build_app(AutoscalerSettings())
+    settings = AutoscalerSettings()
+    app, _ = build_app(settings)
+    serve_metrics(settings.metrics)
     asyncio.run(app.run())

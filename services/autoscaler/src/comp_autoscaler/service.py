@@ -31,9 +31,11 @@ from comp_common.messages import (
     ServiceRate,
     ServiceRecord,
 )
+from comp_common.metrics import timed
 from comp_common.observed import ObservedStore
 from comp_common.scaling import ScaleRefused, scale_deployment
 
+from . import instruments
 from .settings import AutoscalerSettings
 from .strategy import Memory, Sample, decide, deployment_sample
 
@@ -173,6 +175,7 @@ class Autoscaler:
         group = self.settings.autoscaler
         return group.stale_periods * group.metrics_seconds
 
+    @timed(instruments.EVALUATION_SECONDS)
     async def evaluate(self) -> list[AutoscaleDecision]:
         """One round over every policy (the leader's; tests call it directly)."""
         now = self.clock()
@@ -186,6 +189,7 @@ class Autoscaler:
             decision, self.memory[key] = decide(
                 policy, samples, now, current, ready, self.memory.get(key, Memory()), stale_after=self._stale_after()
             )
+            instruments.decided(decision, current)
             record = AutoscaleDecision(
                 deployment=key, at=now, metric=policy.metric, target=policy.target, observed=decision.observed,
                 samples=len(samples), current=current, replicas=decision.replicas, reason=decision.reason,
@@ -210,6 +214,7 @@ class Autoscaler:
                 self.deployments_kv, self.namespaces_kv, namespace, name, replicas, within_policy=False, clock=self.clock
             )
         except ScaleRefused as exc:
+            instruments.SCALE_REFUSED.inc()
             log.warning("could not scale", extra={"deployment": record.deployment, "replicas": replicas, "error": str(exc)})
             return False
         self.deployments[record.deployment] = scaled.record.deployment  # before the watch says so

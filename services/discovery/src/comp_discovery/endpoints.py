@@ -78,7 +78,8 @@ def service_endpoints(
 
 
 def same_endpoints(a: ServiceEndpoints | None, b: ServiceEndpoints | None) -> bool:
-    """Equal apart from when each was computed."""
+    """Equal apart from when each was computed and which trace caused it."""
     if a is None or b is None:
         return a is b
-    return a.model_copy(update={"updated_at": 0.0}) == b.model_copy(update={"updated_at": 0.0})
+    ignored = {"updated_at": 0.0, "trace_parent": None}
+    return a.model_copy(update=ignored) == b.model_copy(update=ignored)

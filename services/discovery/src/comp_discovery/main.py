@@ -10,9 +10,11 @@ from nats.aio.subscription import Subscription
 
 from comp_common.broker import ensure_event_stream, make_broker
 from comp_common.logs import configure_logging
+from comp_common.metrics import serve_metrics
 from comp_common.observed import ObservedStore, connect
 from comp_common.telemetry import setup_tracing
 
+from . import instruments
 from .dns import DnsServer
 from .handlers import build_router, subscribe_observations
 from .service import Discovery
@@ -23,10 +25,11 @@ log = logging.getLogger("discovery")
 
 def build_app(settings: DiscoverySettings) -> tuple[FastStream, Discovery]:
     configure_logging("discovery", settings.log)
-    provider = setup_tracing("discovery", settings.telemetry)
+    provider = setup_tracing("discovery", settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, "discovery", provider)
     store = ObservedStore(connect(settings.redis.url), settings.cluster)
     discovery = Discovery(settings, broker, store)
+    instruments.track(discovery)
     broker.include_router(build_router(discovery))
     app = FastStream(broker)
     group = settings.discovery
@@ -41,7 +44,7 @@ def build_app(settings: DiscoverySettings) -> tuple[FastStream, Discovery]:
     @app.on_startup
     async def starting() -> None:
         await broker.connect()
-        await ensure_event_stream(broker)
+        await ensure_event_stream(broker, settings.events)
         await discovery.start()
         inputs.extend(await subscribe_observations(broker.connection, discovery))
         if dns is not None:
@@ -60,5 +63,7 @@ def build_app(settings: DiscoverySettings) -> tuple[FastStream, Discovery]:
 
 
 def run() -> None:
-    app, _ = build_app(DiscoverySettings())
+    settings = DiscoverySettings()
+    app, _ = build_app(settings)
+    serve_metrics(settings.metrics)
     asyncio.run(app.run())

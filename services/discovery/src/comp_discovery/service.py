@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from faststream.nats import NatsBroker
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
 from comp_common import subjects
 from comp_common.broker import raw_publisher
@@ -30,12 +32,15 @@ from comp_common.messages import (
     VipAllocation,
 )
 from comp_common.observed import ObservedStore
+from comp_common.telemetry import MAX_CAUSES, span_continuing, traceparent_of
 
 from .endpoints import selected, same_endpoints, service_endpoints
 from .settings import DiscoverySettings
+from . import instruments
 from .vips import VipRange
 
 log = logging.getLogger("discovery")
+tracer = trace.get_tracer("comp_discovery")
 
 
 class Discovery:
@@ -62,6 +67,9 @@ class Discovery:
         self.published: dict[str, ServiceEndpoints] = {}
         self._serving: dict[str, set[str]] = {}  # deployment key -> keys of services selecting it
         self._dirty: set[str] = set()
+        # Service key -> the spans of the traced task events that marked it dirty since its
+        # last write: its next write continues their traces.
+        self._causes: dict[str, list[SpanContext]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._publish = raw_publisher(broker)
@@ -126,13 +134,13 @@ class Discovery:
         self._reindex()
         self._mark(before | self._serving.get(key, set()))
 
-    def on_task_status(self, status: TaskStatus) -> None:
+    def on_task_status(self, status: TaskStatus, cause: SpanContext | None = None) -> None:
         previous = self.tasks.get(status.task_id)
         if previous is not None and previous.updated_at > status.updated_at:
             return  # an older status that arrived late
         self.node_seen.setdefault(status.node_id, self.monotonic())
         self._put_task(status)
-        self._mark(self._serving.get(status.deployment, set()))
+        self._mark(self._serving.get(status.deployment, set()), cause)
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         came_back = heartbeat.node_id not in self.node_seen or not self._live(heartbeat.node_id)
@@ -178,10 +186,15 @@ class Discovery:
                 serving.setdefault(deployment, set()).add(key)
         self._serving = serving
 
-    def _mark(self, keys: set[str]) -> None:
+    def _mark(self, keys: set[str], cause: SpanContext | None = None) -> None:
         if keys:
             self._dirty |= keys
             self._wake.set()
+        if cause is not None:
+            for key in keys:
+                causes = self._causes.setdefault(key, [])
+                if len(causes) < MAX_CAUSES:
+                    causes.append(cause)
 
     # ---- output ------------------------------------------------------------------------
     async def _flush_forever(self) -> None:
@@ -191,21 +204,23 @@ class Discovery:
             self._wake.clear()
             dirty, self._dirty = self._dirty, set()
             for key in sorted(dirty):
+                causes = self._causes.pop(key, [])
                 try:
-                    await self._write(key)
+                    await self._write(key, causes)
                 except Exception:
                     # Kept dirty: the next flush or resync tries again.
                     log.exception("could not write a service's endpoints", extra={"service": key})
                     self._mark({key})
+                    self._causes.setdefault(key, [])[:0] = causes
                     await asyncio.sleep(0.5)
 
     async def flush(self) -> None:
         """Write every dirty service now (tests and shutdown)."""
         dirty, self._dirty = self._dirty, set()
         for key in sorted(dirty):
-            await self._write(key)
+            await self._write(key, self._causes.pop(key, []))
 
-    async def _write(self, key: str) -> None:
+    async def _write(self, key: str, causes: Sequence[SpanContext] = ()) -> None:
         service = self.services.get(key)
         if service is None:
             await self._remove(key)
@@ -216,9 +231,16 @@ class Discovery:
         value = service_endpoints(service, vip, self.deployments, self.tasks.values(), self._live, self.clock())
         if same_endpoints(self.published.get(key), value):
             return
-        await self.endpoints_kv.put(key, value.model_dump_json().encode())
-        self.published[key] = value
-        await self._publish(value, subjects.endpoints_event(value.namespace, value.name))
+        # In the traces of the task events that changed it; the value names this span so
+        # that every lb's sync continues the trace.
+        attributes = {"comp.service": key, "comp.endpoints": len(value.endpoints)}
+        with span_continuing(tracer, "discovery.endpoints", causes, attributes) as span:
+            if span is not None:
+                value = value.model_copy(update={"trace_parent": traceparent_of(span)})
+            await self.endpoints_kv.put(key, value.model_dump_json().encode())
+            instruments.ENDPOINT_WRITES.labels("updated").inc()
+            self.published[key] = value
+            await self._publish(value, subjects.endpoints_event(value.namespace, value.name))
         log.info(
             "endpoints changed",
             extra={"service": key, "vip": vip, "endpoints": [f"{e.address}" for e in value.endpoints]},
@@ -228,6 +250,7 @@ class Discovery:
         await self._free_vips(key, keep=None)
         if key in self.published:
             await self.endpoints_kv.delete(key)
+            instruments.ENDPOINT_WRITES.labels("removed").inc()
             gone = self.published.pop(key)
             await self._publish(
                 gone.model_copy(update={"endpoints": [], "updated_at": self.clock()}),

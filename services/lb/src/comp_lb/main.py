@@ -10,6 +10,7 @@ from faststream import FastStream
 
 from comp_common.broker import make_broker
 from comp_common.logs import configure_logging
+from comp_common.metrics import serve_metrics
 from comp_common.telemetry import setup_tracing
 
 from .dataplane import DATAPLANES
@@ -34,7 +35,7 @@ def build_app(settings: LbSettings) -> tuple[FastStream, LoadBalancer]:
     if why_not is not None:
         # Swarm's routing mesh reports success and serves nothing without IPVS; say it.
         raise DataplaneUnavailable(f"lb: the {group.dataplane} dataplane cannot run here: {why_not}")
-    provider = setup_tracing("lb", settings.telemetry)
+    provider = setup_tracing("lb", settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, "lb", provider)
     lb = LoadBalancer(settings, broker, dataplane)
     broker.include_router(build_router(lb))
@@ -53,9 +54,11 @@ def build_app(settings: LbSettings) -> tuple[FastStream, LoadBalancer]:
 
 
 def run() -> None:
+    settings = LbSettings()
     try:
-        app, _ = build_app(LbSettings())
+        app, _ = build_app(settings)
     except DataplaneUnavailable as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    serve_metrics(settings.metrics)
     asyncio.run(app.run())

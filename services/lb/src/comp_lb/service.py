@@ -14,17 +14,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from faststream.nats import NatsBroker
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
 from comp_common import subjects
 from comp_common.kv import is_deletion, open_bucket
 from comp_common.broker import raw_publisher
 from comp_common.messages import EndpointCounter, ServiceEndpoints, ServiceRate
+from comp_common.telemetry import MAX_CAUSES, span_continuing, span_context_of_traceparent
 
+from . import instruments
 from .dataplane import Dataplane
 from .ruleset import RulesetError
 from .settings import LbSettings
 
 log = logging.getLogger("lb")
+tracer = trace.get_tracer("comp_lb")
 _RETRY_SECONDS = 1.0
 
 
@@ -40,6 +45,9 @@ class LoadBalancer:
         self._connections: dict[str, tuple[float, int]] = {}  # key -> (when, connections counted)
         self._last_rate: dict[str, float] = {}
         self._changed = asyncio.Event()
+        # The discovery spans that wrote the values changed since the last sync: the next
+        # sync continues the first one's trace and links the others.
+        self._causes: list[SpanContext] = []
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb-dataplane")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -120,12 +128,20 @@ class LoadBalancer:
                         continue
                     self._on_entry(fresh if fresh is not None else self.desired, entry.key, None if is_deletion(entry) else entry.value)
                     if fresh is None:
+                        self._note_cause(entry.key)
                         self._changed.set()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("the endpoints watch ended; starting it again", exc_info=True)
                 await asyncio.sleep(_RETRY_SECONDS)
+
+    def _note_cause(self, key: str) -> None:
+        # Values present when a watch began were synced before: only changes since carry a cause.
+        value = self.desired.get(key)
+        cause = span_context_of_traceparent(value.trace_parent) if value is not None else None
+        if cause is not None and len(self._causes) < MAX_CAUSES:
+            self._causes.append(cause)
 
     @staticmethod
     def _on_entry(into: dict[str, ServiceEndpoints], key: str, value: bytes | None) -> None:
@@ -146,9 +162,15 @@ class LoadBalancer:
             # service must not hold every other service's updates back.
             services = [s for key, s in self.desired.items() if self.refused.get(key) is not s]
             started = time.perf_counter()
+            causes, self._causes = self._causes, []
             try:
-                report = await self._in_thread(self.dataplane.sync, services)
+                attributes = {"comp.node": self.settings.lb.node_id, "comp.services": len(services), "comp.dataplane": self.dataplane.name}
+                with span_continuing(tracer, "lb.sync", causes, attributes):
+                    report = await self._in_thread(self.dataplane.sync, services)
             except RulesetError as exc:
+                # Retried below: the retry is the sync that carries these traces through.
+                self._causes[:0] = causes
+                instruments.not_synced("refused", time.perf_counter() - started)
                 if exc.service is not None and exc.service in self.desired:
                     self.refused[exc.service] = self.desired[exc.service]
                     log.error("a service cannot be programmed; the others are applied without it",
@@ -160,11 +182,14 @@ class LoadBalancer:
                 await asyncio.sleep(_RETRY_SECONDS)
                 continue
             except Exception as exc:
+                self._causes[:0] = causes
+                instruments.not_synced("failed", time.perf_counter() - started)
                 log.error("dataplane sync failed; retrying", extra={"error": str(exc)[:2000], "services": len(services)})
                 self._changed.set()
                 await asyncio.sleep(_RETRY_SECONDS)
                 continue
             self.refused = {k: v for k, v in self.refused.items() if self.desired.get(k) is v}
+            instruments.synced(services, report, time.perf_counter() - started, len(self.refused))
             self.syncs += 1
             self.synced.set()
             log.info(

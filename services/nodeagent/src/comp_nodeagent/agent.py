@@ -40,6 +40,7 @@ import httpx
 
 from comp_common import subjects
 from comp_common.manifest import HealthCheck, RestartPolicy
+from comp_common.metrics import timed
 from comp_common.messages import (
     Capacity,
     HealthEvent,
@@ -53,6 +54,7 @@ from comp_common.messages import (
     TaskStatus,
 )
 
+from . import instruments
 from .driver import EventWatch, RuntimeDriver, RuntimeTask, can_measure, can_probe
 from .health import Checker, ProbeResult, Verdict, exec_result, new_http_client, probe_http, probe_tcp, resolve_port
 from .metrics import RunningTask, UsageTracker
@@ -469,6 +471,7 @@ class Agent:
         self._pass_reasons.append(reason)
         self._pass_wanted.set()
 
+    @timed(instruments.SYNC_SECONDS)
     async def reconcile(self, trigger: str) -> None:
         """One pass, in the caller's trace context: the actions it starts inherit it."""
         async with self._pass_lock:
@@ -679,7 +682,7 @@ class Agent:
             try:
                 try:
                     async with self._engine_slots:
-                        started = await self.driver.start(spec)
+                        started = await instruments.start_container(self.driver.start(spec))
                 finally:
                     if removing is not None:
                         await removing

@@ -26,9 +26,11 @@ from comp_common.aio import Slots, contain_collections
 from comp_common.broker import make_broker
 from comp_common.kv import get_model, open_bucket
 from comp_common.logs import configure_logging
+from comp_common.metrics import for_subject, serve_metrics
 from comp_common.messages import Heartbeat, NodeAssignments, TaskStatus
 from comp_common.telemetry import setup_tracing
 
+from . import instruments
 from .agent import Agent, Publish
 from .driver import make_driver
 from .handlers import make_fleet_router, make_router
@@ -102,6 +104,7 @@ class FleetPublisher:
             # Each call only appends to the client's buffer; its flusher writes them all at once.
             for subject, data, headers in batch:
                 await connection.publish(subject, data, headers=headers)
+                for_subject(subject).published.inc()
                 sent += 1
         except Exception as exc:
             # Heartbeats carry every task's status, so the next ones repair what is lost here.
@@ -228,7 +231,7 @@ async def run_on_a_clock(agents: Sequence[Agent], period: float, act: Callable[[
 
 def build_app(settings: NodeAgentSettings) -> FastStream:
     logger = configure_logging(SERVICE, settings.log)
-    provider = setup_tracing(SERVICE, settings.telemetry)
+    provider = setup_tracing(SERVICE, settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, SERVICE, provider)
     group = settings.nodeagent
 
@@ -238,6 +241,7 @@ def build_app(settings: NodeAgentSettings) -> FastStream:
         make_agent(settings, broker, node_id, fleet.publish if fleet else None, reader, own_clock=fleet is None)
         for node_id in group.node_ids()
     ]
+    instruments.track(agents)
     if len(agents) == 1:
         # One host: a subscription to its own subject only, which is all its NATS user may read.
         broker.include_router(make_router(agents[0]))
@@ -308,6 +312,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(SERVICE).error("node agent cannot start: %s", exc)
         sys.exit(1)
     contain_collections(log)
+    serve_metrics(settings.metrics)
     asyncio.run(app.run())
 
 

@@ -10,9 +10,11 @@ from faststream import FastStream
 from comp_common.aio import contain_collections
 from comp_common.broker import ensure_event_stream, make_broker
 from comp_common.logs import configure_logging
+from comp_common.metrics import serve_metrics
 from comp_common.observed import ObservedStore, connect
 from comp_common.telemetry import setup_tracing
 
+from . import instruments
 from .handlers import build_router, subscribe_observations
 from .service import Scheduler
 from .settings import SchedulerSettings
@@ -20,10 +22,11 @@ from .settings import SchedulerSettings
 
 def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
     configure_logging("scheduler", settings.log)
-    provider = setup_tracing("scheduler", settings.telemetry)
+    provider = setup_tracing("scheduler", settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, "scheduler", provider)
     store = ObservedStore(connect(settings.redis.url), settings.cluster)
     scheduler = Scheduler(settings, broker, store)
+    instruments.track(scheduler)
     broker.include_router(build_router(scheduler))
     app = FastStream(broker)
 
@@ -31,7 +34,7 @@ def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
     async def starting() -> None:
         # Load state before the subscribers start delivering, so no event finds it empty.
         await broker.connect()
-        await ensure_event_stream(broker)
+        await ensure_event_stream(broker, settings.events)
         await scheduler.start()
         scheduler.inputs = await subscribe_observations(broker.connection, scheduler)
 
@@ -45,6 +48,8 @@ def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
 
 
 def run() -> None:
-    app, _ = build_app(SchedulerSettings())
+    settings = SchedulerSettings()
+    app, _ = build_app(settings)
+    serve_metrics(settings.metrics)
     contain_collections(logging.getLogger("scheduler"))
     asyncio.run(app.run())

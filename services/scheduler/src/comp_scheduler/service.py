@@ -56,6 +56,7 @@ from comp_common.leader import RETOOK_OWN, ElectorThread, Identity
 from comp_common.observed import ObservedStore
 from comp_common.revisions import Revisions, last_healthy, open_revisions, returned_to, revision_of
 
+from . import instruments
 from .applier import Applier
 from .model import Plan
 from .reconcile import reconcile
@@ -473,11 +474,14 @@ class Scheduler:
         self.state.touched.update(k for k in old_reasons.keys() | reasons.keys() if old_reasons.get(k) != reasons.get(k))
         self.state.pending_reasons = reasons
         planned = time.perf_counter()
+        instruments.planned(snapshot_took, planned - began - snapshot_took, len(plan.places), len(plan.stops),
+                            sum(p.count for p in plan.pending))
         if not plan.empty:
             assert self.applier is not None
             await self.applier.apply(plan, now)
             self._dirty_tasks.update(p.task_id for p in plan.places)
             applied = time.perf_counter()
+            instruments.applied(applied - planned)
             log.info(
                 "round applied",
                 extra={
@@ -710,6 +714,7 @@ class Scheduler:
                     try:
                         await self._round(why)
                     except Exception:
+                        instruments.ROUND_ERRORS.inc()
                         log.exception("reconcile round failed; will retry on the next change or resync")
                 self._tasks_round_at = time.monotonic()
                 self._round_took = self._tasks_round_at - started
