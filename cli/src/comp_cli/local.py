@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from comp_common.messages import LeaderChange
 from comp_common.observed import ObservedStore
 
-SERVICES = ("api", "scheduler", "discovery", "lb", "autoscaler")
+SERVICES = ("api", "scheduler", "discovery", "lb", "autoscaler", "audit")
 # Discovery and the lb give services their VIPs, DNS and rules; a cluster without them
 # (networking off) runs deployments only and leaves the host's nftables alone.
 NETWORKING_SERVICES = ("discovery", "lb")
@@ -92,6 +92,9 @@ class ClusterConfig:
     networking: bool = True
     vip_cidr: str = "10.96.0.0/16"
     dns_port: int = 5353
+    # Process name -> the port its Prometheus /metrics is served on (a free port, chosen when
+    # the process first starts and kept for its restarts).  The api serves its own on api_port.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def lb_table(self) -> str:
@@ -119,6 +122,22 @@ class ClusterConfig:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    def metrics_port(self, name: str) -> int:
+        """Process ``name``'s metrics port, chosen (a free one) the first time it is asked for."""
+        if name not in self.metrics_ports:
+            taken = {self.nats_port, self.redis_port, self.api_port, self.dns_port, *self.metrics_ports.values()}
+            port = free_port()
+            while port in taken:  # the kernel may hand out a just-released port again
+                port = free_port()
+            self.metrics_ports[name] = port
+        return self.metrics_ports[name]
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Process name -> where its /metrics is scraped, the api's first."""
+        urls = {"api": f"{self.api_url}/metrics"}
+        urls.update({name: f"http://127.0.0.1:{port}/metrics" for name, port in sorted(self.metrics_ports.items())})
+        return urls
 
     def node_ids(self) -> list[str]:
         return [f"{self.cluster}-node-{i}" for i in range(1, self.nodes + 1)]
@@ -174,6 +193,8 @@ class LocalCluster:
                 "COMP_LB__TABLE": c.lb_table,
                 "COMP_LB__NODE_ID": c.node_ids()[0] if c.nodes else "",
                 "COMP_LB__CLEANUP_ON_EXIT": "true",
+                # One audit per cluster: its log, checkpoints and signing key.
+                "COMP_AUDIT__DATA_DIR": str(c.state_dir / "audit"),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -227,6 +248,8 @@ class LocalCluster:
         scheduler, its instance name in the leadership lease); ``name`` defaults to ``service``."""
         name = name or service
         env = dict(extra_env or {})
+        if service != "api":  # the api serves /metrics on its own port
+            env.setdefault("COMP_METRICS__PORT", str(self._metrics_port(name)))
         if service == "scheduler":
             env.setdefault("COMP_SCHEDULER__INSTANCE", name)
         proc = self._spawn(name, [_bin(f"comp-{service}")], self.env(env))
@@ -236,7 +259,15 @@ class LocalCluster:
 
     def start_agent(self, node_id: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         env = {"COMP_NODEAGENT__NODE_ID": node_id, **(extra_env or {})}
+        env.setdefault("COMP_METRICS__PORT", str(self._metrics_port(f"nodeagent-{node_id}")))
         return self._spawn(f"nodeagent-{node_id}", [_bin("comp-nodeagent")], self.env(env))
+
+    def _metrics_port(self, name: str) -> int:
+        known = name in self.config.metrics_ports
+        port = self.config.metrics_port(name)
+        if not known:
+            self.config.save()  # so that `comp status` and tests in other processes find it
+        return port
 
     def wait_api(self, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

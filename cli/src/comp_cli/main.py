@@ -31,7 +31,9 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            return httpx.request(method, f"{self.base_url}{path}", timeout=30, **kwargs)
+            # Names who does it, for the audit record of the request.
+            headers = {**audit_cmd.actor_headers(), **kwargs.pop("headers", {})}
+            return httpx.request(method, f"{self.base_url}{path}", timeout=30, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise click.ClickException(f"cannot reach the COMP API at {self.base_url}: {exc} (is the cluster up? `comp up`)")
 
@@ -158,6 +160,10 @@ def status(ctx: click.Context) -> None:
     except httpx.HTTPError:
         healthy = False
     click.echo(f"API {config.api_url}: {'healthy' if healthy else 'not answering'}")
+    scraped = {name: url for name, url in config.metrics_urls().items() if running.get(name)}
+    if scraped:
+        click.echo("metrics (Prometheus):")
+        click.echo(table(["PROCESS", "URL"], [[name, url] for name, url in scraped.items()]))
 
 
 def _leader_text(leader: LeaderChange | None, error: str, running: dict[str, int | None]) -> str:

@@ -99,7 +99,7 @@ class Backends:
         while True:
             try:
                 # The api publishes the first events; the log must exist before they are sent.
-                await ensure_event_stream(self.broker)
+                await ensure_event_stream(self.broker, self.settings.events)
                 kv = await open_bucket(self.broker, subjects.DEPLOYMENTS_BUCKET)
                 namespaces = await open_bucket(self.broker, subjects.NAMESPACES_BUCKET)
                 node_controls = await open_bucket(self.broker, subjects.NODE_CONTROLS_BUCKET)

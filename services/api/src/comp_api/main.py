@@ -32,6 +32,8 @@ from .event_routes import router as event_router
 from .trace_routes import router as trace_router
 from .settings import ApiSettings
 from .tracing import RequestTracingMiddleware
+from .audit_middleware import AuditMiddleware
+from .http_metrics import RequestMetricsMiddleware, router as metrics_router
 
 log = logging.getLogger("api")
 
@@ -77,7 +79,11 @@ def create_app(
     app.include_router(audit_router)
     app.include_router(catalog_router)
     app.include_router(trace_router)
+    app.include_router(metrics_router)
     app.add_middleware(RequestTracingMiddleware, tracer_provider=tracer_provider)
+    app.add_middleware(RequestMetricsMiddleware)
+    # Outermost: it sees the final status and the operation id the tracing middleware adds.
+    app.add_middleware(AuditMiddleware, backends=backends, settings=settings.api)
 
     @app.exception_handler(DependencyUnavailable)
     async def dependency_unavailable(request: Request, exc: DependencyUnavailable) -> JSONResponse:
@@ -114,14 +120,16 @@ def _document_manifest_schemas(app: FastAPI) -> None:
 def run() -> None:
     settings = ApiSettings()
     configure_logging("api", settings.log)
-    tracer_provider = setup_tracing("api", settings.telemetry)
+    tracer_provider = setup_tracing("api", settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, "api", tracer_provider)
     observed = ObservedStore(connect(settings.redis.url), settings.cluster)
     app = create_app(settings, broker, observed, tracer_provider)
     log.info("listening on %s:%d", settings.api.host, settings.api.port)
     try:
         # log_config=None keeps the JSON logging configured above for uvicorn's own loggers.
-        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_config=None)
+        # A bounded graceful shutdown: uvicorn otherwise waits for every open connection, and
+        # an event follow (GET /v1/events?follow=true) stays open until its client leaves.
+        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_config=None, timeout_graceful_shutdown=3)
     finally:
         tracer_provider.shutdown()
 

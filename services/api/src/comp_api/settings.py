@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from comp_common.settings import CommonSettings
 
@@ -17,6 +19,13 @@ class ApiGroup(BaseModel):
     # A service's counters are asked of every host's lb at once, with no count of how many
     # will answer: replies are gathered for this long.
     counters_window_seconds: float = 0.3
+    # What the audit record of each request holds, as Kubernetes' audit levels: None (no
+    # record), Metadata (who, what, outcome), Request (and the request body),
+    # RequestResponse (and the response body); bodies cut at audit_max_body_bytes.
+    audit_level: Literal["None", "Metadata", "Request", "RequestResponse"] = "Metadata"
+    audit_max_body_bytes: int = Field(default=64 * 1024, ge=0)
+    # Polled by machines, not operations anyone did: not recorded.
+    audit_exclude_paths: list[str] = ["/healthz", "/metrics"]
 
 
 class ApiSettings(CommonSettings):
