@@ -36,6 +36,7 @@ import httpx
 import nats
 
 from comp_cli.images import import_busybox
+from comp_common.broker import server_caught_up
 from comp_cli.local import ClusterConfig, LocalCluster
 
 IMAGE = "comp/busybox:bench"
@@ -93,7 +94,7 @@ class Listener:
         await self.nc.subscribe(f"comp.node.{self.victim}.heartbeat", cb=heartbeat)
         await self.nc.subscribe("comp.evt.placement.default.victims", cb=placement)
         await self.nc.subscribe(f"comp.evt.task.{self.survivor}", cb=task)
-        await self.nc.flush()
+        await server_caught_up(self.nc)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.nc.close(), self._loop).result(5)

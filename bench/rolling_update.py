@@ -63,6 +63,7 @@ import httpx
 from comp_cli.images import import_busybox
 from comp_cli.local import ClusterConfig, LocalCluster, remove_cluster_containers
 from comp_common import labels, subjects
+from comp_common.broker import server_caught_up
 
 IMAGE = "comp/busybox:test"
 NAME = "rollers"
@@ -463,7 +464,7 @@ class Listener:
                 self.received.append(time.perf_counter())
 
         await self.nc.subscribe("comp.evt.>", cb=on_message)
-        await self.nc.flush()
+        await server_caught_up(self.nc)
 
     def snapshot(self) -> tuple[list[tuple[str, dict[str, Any]]], list[float]]:
         with self._lock:

@@ -23,7 +23,7 @@ from comp_api.main import create_app
 from comp_api.settings import ApiSettings
 from comp_cli import main as cli_main
 from comp_common import subjects
-from comp_common.broker import make_broker
+from comp_common.broker import make_broker, server_caught_up
 from comp_common.kv import list_keys
 from comp_common.messages import DeploymentRecord, HealthState, RevisionRecord, RolloutEvent, TaskState, TaskStatus
 from comp_common.observed import ObservedStore, connect
@@ -100,7 +100,7 @@ async def api(nats_url: str, redis_url: str) -> AsyncIterator[Api]:
                 harness.events.append(msg)
 
             await nc.subscribe("comp.evt.>", cb=collect)
-            await nc.flush()
+            await server_caught_up(nc)
             yield harness
             await nc.close()
             await harness.observed.r.aclose()

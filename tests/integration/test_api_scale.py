@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from nats.aio.client import Client as NatsClient
 
 from comp_cli import main as cli_main
+from comp_common.broker import server_caught_up
 from comp_common import subjects
 from comp_common.messages import AutoscaleDecision, DeploymentEvent, DeploymentRecord
 from comp_common.observed import ObservedStore, connect
@@ -52,7 +53,7 @@ async def api(nats_url, redis_url):
                 harness.events.append(msg)
 
             await nc.subscribe("comp.evt.deployment.>", cb=collect)
-            await nc.flush()
+            await server_caught_up(nc)
             yield harness
         await nc.close()
 

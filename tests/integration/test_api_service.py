@@ -29,7 +29,7 @@ from comp_api.main import create_app
 from comp_api.settings import ApiGroup, ApiSettings
 from comp_cli.local import _bin, free_port, wait_for_port
 from comp_common import subjects
-from comp_common.broker import make_broker
+from comp_common.broker import make_broker, server_caught_up
 from comp_common.kv import list_keys
 from comp_common.messages import Capacity, DeploymentRecord, TaskState, TaskStatus
 from comp_common.observed import DeploymentStatus, NodeRecord, ObservedStore, connect
@@ -117,7 +117,7 @@ async def api(nats_url: str, redis_url: str) -> AsyncIterator[Api]:
             harness.events.append(msg)
 
         await harness.nc.subscribe("comp.evt.deployment.>", cb=collect)
-        await harness.nc.flush()
+        await server_caught_up(harness.nc)
         yield harness
         await harness.nc.close()
 

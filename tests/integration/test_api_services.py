@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from comp_api.main import create_app
 from comp_api.settings import ApiGroup, ApiSettings
 from comp_common import subjects
-from comp_common.broker import make_broker
+from comp_common.broker import make_broker, server_caught_up
 from comp_common.kv import list_keys, put_model
 from comp_common.messages import Endpoint, EndpointCounter, EndpointPort, ServiceEndpoints, ServiceRecord
 from comp_common.observed import ObservedStore, connect
@@ -103,7 +103,7 @@ async def api(nats_url: str, redis_url: str) -> AsyncIterator[Api]:
                 harness.events.append(msg)
 
             await nc.subscribe("comp.evt.>", cb=collect)
-            await nc.flush()
+            await server_caught_up(nc)
             yield harness
             await nc.close()
 
@@ -343,7 +343,7 @@ async def test_counters_are_gathered_from_every_lb(api: Api) -> None:
         await api.nc.subscribe(subjects.lb_counters("shop", "web"), cb=lb(answer))
     # A broken lb's answer is left out rather than failing the others'.
     await api.nc.subscribe(subjects.lb_counters("shop", "web"), cb=lb(b'{"not": "a list"}'))
-    await api.nc.flush()
+    await server_caught_up(api.nc)
 
     response = await api.http.get("/v1/namespaces/shop/services/web/counters")
     assert response.status_code == 200, response.text

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from waiting import eventually
 
 from comp_common import metrics, subjects
-from comp_common.broker import make_broker, raw_publisher, typed_callback
+from comp_common.broker import make_broker, raw_publisher, server_caught_up, typed_callback
 from comp_common.messages import Nudge
 from comp_common.settings import NatsSettings
 
@@ -58,7 +58,7 @@ async def test_faststream_subscriber_and_publisher_counts(nats_url: str, plain: 
         # Garbage and a failing handler, both from outside the broker, as any client could send.
         await plain.publish(subjects.custom_metric("team-a", "api"), b"{not json")
         await plain.publish(subjects.custom_metric("team-a", "api"), b'{"value": -1}')
-        await plain.flush()
+        await server_caught_up(plain)
         await broker.publish(Order(value=2), subjects.custom_metric("team-b", "db"))
 
         await eventually(lambda: handled == [1, 2], "both good orders handled, in order, after the bad ones")
@@ -81,7 +81,7 @@ async def test_raw_publisher_and_typed_callback_count_on_the_wire(nats_url: str,
     pattern = "comp.node.*.nudge"
     taken: list[Nudge] = []
     subscription = await plain.subscribe(pattern, cb=typed_callback(Nudge, taken.append))
-    await plain.flush()
+    await server_caught_up(plain)
     before_out = sample("comp_messages_published_total", subject=pattern)
     before_in = sample("comp_messages_received_total", subject=pattern)
     before_dropped = sample("comp_messages_dropped_total", subject=pattern, reason="invalid")
@@ -90,7 +90,7 @@ async def test_raw_publisher_and_typed_callback_count_on_the_wire(nats_url: str,
         for node in ("n1", "n2", "n3"):
             await publish(Nudge(node_id=node, version=1, epoch=1), subjects.node_nudge(node))
         await broker.connection.publish(subjects.node_nudge("n4"), b'{"node_id": 4}')
-        await broker.connection.flush()
+        await server_caught_up(broker.connection)
 
         await eventually(lambda: len(taken) == 3, "three nudges taken")
         await eventually(

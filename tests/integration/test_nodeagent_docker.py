@@ -25,6 +25,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
 from comp_cli.local import _bin
+from comp_common.broker import server_caught_up
 from comp_common import labels, subjects
 from comp_common.kv import open_bucket
 from comp_common.manifest import Port
@@ -106,7 +107,7 @@ class Observer:
 
         await nc.subscribe(subjects.task_event(node_id), cb=on_status)
         await nc.subscribe(subjects.node_heartbeat(node_id), cb=on_heartbeat)
-        await nc.flush()
+        await server_caught_up(nc)
 
     def latest(self, task_id: str) -> TaskStatus | None:
         return next((s for s in reversed(self.statuses) if s.task_id == task_id), None)

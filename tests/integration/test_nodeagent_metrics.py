@@ -17,6 +17,7 @@ import pytest
 from faststream.nats import NatsBroker
 
 from comp_cli.local import _bin
+from comp_common.broker import server_caught_up
 from comp_common import subjects
 from comp_common.kv import open_bucket
 from comp_common.messages import NodeAssignments, NodeMetrics, Nudge, TaskSpec
@@ -82,7 +83,7 @@ async def test_busy_task_uses_its_cpu_limit_and_idle_one_nothing(
 
     nc = broker.connection
     await nc.subscribe(subjects.node_metrics(NODE_ID), cb=on_metrics)
-    await nc.flush()
+    await server_caught_up(nc)
     kv = await open_bucket(broker, subjects.ASSIGNMENTS_BUCKET)
     tasks = [task("busy-1", busybox_image, BUSY), task("idle-1", busybox_image, IDLE)]
     await kv.put(NODE_ID, NodeAssignments(node_id=NODE_ID, version=1, tasks=tasks).model_dump_json().encode())

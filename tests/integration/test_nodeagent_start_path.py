@@ -24,6 +24,7 @@ import pytest
 from faststream.nats import NatsBroker
 
 from comp_cli.local import _bin
+from comp_common.broker import server_caught_up
 from comp_common import subjects
 from comp_common.kv import open_bucket
 from comp_common.manifest import Port
@@ -64,7 +65,7 @@ class Node:
                 self.messages.append(TaskStatus.model_validate_json(msg.data))
 
         await self.broker.connection.subscribe(">", cb=on_message)
-        await self.broker.connection.flush()
+        await server_caught_up(self.broker.connection)
 
     def start_agent(self, **env: str) -> None:
         environment = {

@@ -14,6 +14,7 @@ from httpd_web import httpd_web
 from waiting import wait_until
 
 from comp_cli.local import LocalCluster
+from comp_common.broker import server_caught_up
 from comp_common import subjects
 
 pytestmark = pytest.mark.docker
@@ -57,7 +58,7 @@ async def test_a_healthy_rollout_stays_within_surge_and_unavailability(one_node_
     nc = await nats.connect(cluster.config.nats_url)
     await nc.subscribe(subjects.TASK_EVENTS, cb=on_status)
     await nc.subscribe(subjects.ROLLOUT_EVENTS, cb=on_rollout)
-    await nc.flush()
+    await server_caught_up(nc)
     try:
         apply(1)
         await asyncio.to_thread(wait_until, lambda: len(ready) == REPLICAS, 90, f"{REPLICAS} version-1 tasks ready")

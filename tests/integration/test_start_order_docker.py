@@ -14,6 +14,7 @@ import pytest
 from waiting import wait_until
 
 from comp_cli.local import LocalCluster
+from comp_common.broker import server_caught_up
 from comp_common import subjects
 
 pytestmark = pytest.mark.docker
@@ -57,7 +58,7 @@ async def test_web_starts_only_after_db_is_healthy(one_node_cluster: LocalCluste
 
     nc = await nats.connect(cluster.config.nats_url)
     await nc.subscribe(subjects.TASK_EVENTS, cb=on_status)
-    await nc.flush()
+    await server_caught_up(nc)
 
     def web_state() -> dict:
         return httpx.get(f"{api}/v1/deployments/default/web", timeout=5).json()["status"] or {}

@@ -12,6 +12,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from pydantic import BaseModel
 
+from comp_common.broker import server_caught_up
 from comp_common import subjects
 from comp_common.messages import HealthEvent, HealthState, NodeAssignments, TaskSpec, TaskState, TaskStatus
 from comp_nodeagent.agent import Agent
@@ -51,7 +52,7 @@ class LiveAgent:
 
         await self.nc.subscribe(subjects.task_event(self.node_id), cb=on_status)
         await self.nc.subscribe(subjects.health_event(self.node_id), cb=on_health)
-        await self.nc.flush()
+        await server_caught_up(self.nc)
 
     async def assign(self, *tasks: TaskSpec) -> None:
         self.tasks = list(tasks)

@@ -45,8 +45,6 @@ async def subscribe_requests(connection: Client, audit: AuditService) -> list[Su
         await connection.subscribe(subjects.AUDIT_QUERY, cb=_replying(connection, audit.query)),
         await connection.subscribe(subjects.AUDIT_VERIFY, cb=_replying(connection, lambda _: audit.verify())),
     ]
-    # Answering from the moment start-up ends, not once the server has read the subscriptions.
-    await connection.flush()
     return subscriptions
 
 

@@ -10,7 +10,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from comp_common import subjects
-from comp_common.broker import ensure_event_stream, make_broker
+from comp_common.broker import ensure_event_stream, make_app, make_broker
 from comp_common.logs import configure_logging
 from comp_common.metrics import serve_metrics
 from comp_common.streams import ensure_stream
@@ -30,7 +30,7 @@ def build_app(settings: AuditSettings) -> tuple[FastStream, AuditService]:
     broker = make_broker(settings.nats, "audit", provider)
     audit = AuditService(settings.audit)
     instruments.track(audit)
-    app = FastStream(broker)
+    app = make_app(broker)
     inputs: list[Subscription] = []
 
     @app.on_startup

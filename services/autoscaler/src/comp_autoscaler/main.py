@@ -7,7 +7,7 @@ import asyncio
 from faststream import FastStream
 from nats.aio.subscription import Subscription
 
-from comp_common.broker import ensure_event_stream, make_broker
+from comp_common.broker import ensure_event_stream, make_app, make_broker
 from comp_common.logs import configure_logging
 from comp_common.metrics import serve_metrics
 from comp_common.observed import ObservedStore, connect
@@ -23,7 +23,7 @@ def build_app(settings: AutoscalerSettings) -> tuple[FastStream, Autoscaler]:
     provider = setup_tracing("autoscaler", settings.telemetry, settings.nats.url)
     broker = make_broker(settings.nats, "autoscaler", provider)
     autoscaler = Autoscaler(settings, broker, ObservedStore(connect(settings.redis.url), settings.cluster))
-    app = FastStream(broker)
+    app = make_app(broker)
     inputs: list[Subscription] = []
 
     @app.on_startup

@@ -8,7 +8,7 @@ import logging
 from faststream import FastStream
 from nats.aio.subscription import Subscription
 
-from comp_common.broker import ensure_event_stream, make_broker
+from comp_common.broker import ensure_event_stream, make_app, make_broker
 from comp_common.logs import configure_logging
 from comp_common.metrics import serve_metrics
 from comp_common.observed import ObservedStore, connect
@@ -31,7 +31,7 @@ def build_app(settings: DiscoverySettings) -> tuple[FastStream, Discovery]:
     discovery = Discovery(settings, broker, store)
     instruments.track(discovery)
     broker.include_router(build_router(discovery))
-    app = FastStream(broker)
+    app = make_app(broker)
     group = settings.discovery
     dns = (
         DnsServer(discovery.lookup, group.dns_host, group.dns_port, group.cluster_domain, vip_ttl=group.dns_ttl_seconds)

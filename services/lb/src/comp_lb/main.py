@@ -8,7 +8,7 @@ import sys
 
 from faststream import FastStream
 
-from comp_common.broker import make_broker
+from comp_common.broker import make_app, make_broker
 from comp_common.logs import configure_logging
 from comp_common.metrics import serve_metrics
 from comp_common.telemetry import setup_tracing
@@ -39,7 +39,7 @@ def build_app(settings: LbSettings) -> tuple[FastStream, LoadBalancer]:
     broker = make_broker(settings.nats, "lb", provider)
     lb = LoadBalancer(settings, broker, dataplane)
     broker.include_router(build_router(lb))
-    app = FastStream(broker)
+    app = make_app(broker)
 
     @app.on_startup
     async def starting() -> None:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from comp_common import subjects
 from comp_common.aio import Slots, contain_collections
-from comp_common.broker import make_broker
+from comp_common.broker import make_app, make_broker
 from comp_common.kv import get_model, open_bucket
 from comp_common.logs import configure_logging
 from comp_common.metrics import for_subject, serve_metrics
@@ -248,7 +248,7 @@ def build_app(settings: NodeAgentSettings) -> FastStream:
     else:
         broker.include_router(make_fleet_router({agent.node_id: agent for agent in agents}))
 
-    app = FastStream(broker, logger=logger)
+    app = make_app(broker, logger=logger)
     starting: list[asyncio.Task[None]] = []
 
     @app.after_startup

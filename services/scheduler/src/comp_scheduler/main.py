@@ -8,7 +8,7 @@ import logging
 from faststream import FastStream
 
 from comp_common.aio import contain_collections
-from comp_common.broker import ensure_event_stream, make_broker
+from comp_common.broker import ensure_event_stream, make_app, make_broker
 from comp_common.logs import configure_logging
 from comp_common.metrics import serve_metrics
 from comp_common.observed import ObservedStore, connect
@@ -28,7 +28,7 @@ def build_app(settings: SchedulerSettings) -> tuple[FastStream, Scheduler]:
     scheduler = Scheduler(settings, broker, store)
     instruments.track(scheduler)
     broker.include_router(build_router(scheduler))
-    app = FastStream(broker)
+    app = make_app(broker)
 
     @app.on_startup
     async def starting() -> None:
