@@ -256,6 +256,17 @@ def sse_events(text: str) -> list[tuple[int, dict]]:
     return out
 
 
+async def follow_sse(client: httpx.AsyncClient, url: str, headers: dict[str, str], count: int) -> list[tuple[int, dict]]:
+    """The events of a followed server-sent event stream once at least ``count`` have come."""
+    async with client.stream("GET", f"{url}/v1/events", params={"follow": "true"}, headers=headers) as response:
+        buffer = ""
+        async for chunk in response.aiter_text():
+            buffer += chunk
+            if len(sse_events(buffer)) >= count:
+                break
+    return sse_events(buffer)
+
+
 async def test_sse_ids_are_sequences_and_last_event_id_resumes_right_after(nats_url, redis_url, history):
     sse = {"Accept": "text/event-stream"}
     with serve_api(nats_url, redis_url) as url:
@@ -277,23 +288,11 @@ async def test_a_followed_sse_stream_resumes_with_the_rest_after_a_reconnect(nat
     with serve_api(nats_url, redis_url) as url:
         async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=60)) as client:
             headers = {"Accept": "text/event-stream", "Last-Event-ID": "10"}
-            async with client.stream("GET", f"{url}/v1/events", params={"follow": "true"}, headers=headers) as response:
-                buffer = ""
-                async for chunk in response.aiter_text():
-                    buffer += chunk
-                    if len(sse_events(buffer)) == 2:
-                        break
-            assert [i for i, _ in sse_events(buffer)] == [11, 12]
+            assert [i for i, _ in await follow_sse(client, url, headers, 2)] == [11, 12]
             # Gone: events kept meanwhile are what the resumed stream starts with.
             published = await publish(js, [_applied("shop", "web", 4), _applied("shop", "web", 5)])
             headers["Last-Event-ID"] = "12"
-            async with client.stream("GET", f"{url}/v1/events", params={"follow": "true"}, headers=headers) as response:
-                buffer = ""
-                async for chunk in response.aiter_text():
-                    buffer += chunk
-                    if len(sse_events(buffer)) == 2:
-                        break
-            assert [i for i, _ in sse_events(buffer)] == published
+            assert [i for i, _ in await follow_sse(client, url, headers, 2)] == published
     await eventually(lambda: consumer_count_is(stream, 0), "the follows' consumers to be deleted", timeout=30)
 
 
