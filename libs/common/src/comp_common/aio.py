@@ -7,7 +7,7 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import TypeVar
 
@@ -104,3 +104,24 @@ async def within(awaitable: Awaitable[T], seconds: float) -> T:
     """
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[object]], again_every: float = 0.5) -> None:
+    """Cancel ``tasks`` and return once every one has ended, cancelling again any still
+    running every ``again_every`` seconds.
+
+    One ``cancel()`` is not enough for a ``while True`` loop: a library call inside it that
+    uses Python 3.11's ``wait_for`` (nats-py's request, so every KV put and JetStream
+    publish) can swallow the cancellation, and the loop goes round to wait forever; a
+    discovery test's teardown hung 300 s in CI so.  Exceptions the tasks end with are
+    theirs to log; here they are only collected.
+    """
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_every)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not warn that nobody did

@@ -44,7 +44,7 @@ from enum import StrEnum
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from .aio import within
+from .aio import cancel_and_wait, within
 from .messages import LeaseRecord
 
 log = logging.getLogger("scheduler.leader")
@@ -228,8 +228,7 @@ class LeaseElector:
     async def stop(self) -> None:
         """Stop contending and stop leading, at once.  The record stays until :meth:`release`."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None
         if self.machine.epoch is not None:
             self._held_revision = self.machine.revision

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from faststream.nats import NatsBroker
 
+from comp_common.aio import cancel_and_wait
 from comp_common import subjects
 from comp_common.broker import raw_publisher
 from comp_common.kv import open_bucket, watch_bucket
@@ -90,9 +91,7 @@ class Autoscaler:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.elector is not None:
             await self.elector.stop()
             await self.elector.release()  # a standby takes over now, not after the lease

@@ -19,6 +19,7 @@ from faststream.nats import NatsBroker
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
+from comp_common.aio import cancel_and_wait
 from comp_common import subjects
 from comp_common.broker import raw_publisher
 from comp_common.kv import ConflictError, list_models, open_bucket, put_model, watch_bucket
@@ -99,9 +100,7 @@ class Discovery:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     # ---- inputs ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from faststream.nats import NatsBroker
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
+from comp_common.aio import cancel_and_wait
 from comp_common import subjects
 from comp_common.kv import is_deletion, open_bucket
 from comp_common.broker import raw_publisher
@@ -63,9 +64,7 @@ class LoadBalancer:
         await initial  # every service present when the watch began is in `desired`
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.settings.lb.cleanup_on_exit:
             await self._in_thread(self.dataplane.cleanup)
             log.info("removed this host's rules", extra={"dataplane": self.dataplane.name})

@@ -22,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import BaseModel, TypeAdapter
 
 from comp_common import subjects
-from comp_common.aio import Slots, contain_collections
+from comp_common.aio import Slots, cancel_and_wait, contain_collections
 from comp_common.broker import make_app, make_broker
 from comp_common.kv import get_model, open_bucket
 from comp_common.logs import configure_logging
@@ -274,9 +274,7 @@ def build_app(settings: NodeAgentSettings) -> FastStream:
     @app.on_shutdown
     async def stop_agents() -> None:
         # Loops and watchers only: the containers stay up for the next agent to adopt.
-        for task in starting:
-            task.cancel()
-        await asyncio.gather(*starting, return_exceptions=True)
+        await cancel_and_wait(starting)
         await asyncio.gather(*(agent.stop() for agent in agents))
         if fleet is not None:
             await fleet.close()

@@ -35,7 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from comp_common import subjects
-from comp_common.aio import Slots, within
+from comp_common.aio import Slots, cancel_and_wait, within
 from comp_common.broker import raw_publisher
 from comp_common.kv import ConflictError, get_model, list_keys, list_models, open_bucket, put_model, read_model
 from comp_common.messages import (
@@ -313,9 +313,7 @@ class Scheduler:
         loops = self._loops + ([self._takeover] if self._takeover else []) + list(self._background)
         if self._wake is not None:
             self._wake.cancel()
-        for loop in loops:
-            loop.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await cancel_and_wait(loops)
         if self.elector is not None and release_lease:
             async with self._lock:  # a round under way finishes first: the successor reads its writes
                 await self.elector.release()
