@@ -31,7 +31,8 @@ SOURCE_SUBJECTS = {subjects.EVENTS_STREAM: subjects.EVENT_SUBJECTS, subjects.API
 async def subscribe_sources(js: JetStreamContext, audit: AuditService) -> list[Subscription]:
     subscriptions = []
     for stream, subject in SOURCE_SUBJECTS.items():
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=audit.start_seq(stream))
+        audit.resumed_from[stream] = audit.start_seq(stream)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=audit.resumed_from[stream])
         # Ordered: no acks to send, flow controlled, and re-created from the last stream
         # sequence delivered should it ever see a gap (a slow-consumer drop included).
         subscriptions.append(await js.subscribe(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from faststream import FastStream
@@ -53,7 +54,7 @@ def build_app(settings: AuditSettings) -> tuple[FastStream, AuditService]:
                 await audit.note_stream_reset(stream, stream_last)
         audit.start_writing()
         inputs.extend(await subscribe_sources(js, audit))
-        log.info("recording", extra={"head_seq": audit.head.seq, "data_dir": str(audit.data_dir)})
+        log.info("recording", extra={"head_seq": audit.head.seq, "data_dir": str(audit.data_dir), "resumed_from": json.dumps(audit.resumed_from)})
 
     @app.on_shutdown
     async def stopping() -> None:

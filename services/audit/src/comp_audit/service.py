@@ -47,6 +47,9 @@ class AuditService:
         # On disk (fsynced): the chain's head and each stream's last recorded sequence.
         self.head = Head()
         self.positions: dict[str, int] = {}
+        # Where each source's reading began on this start: what came while it was down
+        # is read from there.
+        self.resumed_from: dict[str, int] = {}
         self.checkpointed_seq = 0
         self._checkpointed_at = time.monotonic()
         self._pending: list[tuple[str, Msg]] = []
