@@ -10,6 +10,8 @@ from typing import Any
 import click
 import httpx
 
+from .audit_cmd import actor_headers
+
 # The most a one-line summary shows of a body COMP does not know.
 SUMMARY_LIMIT = 160
 
@@ -46,7 +48,7 @@ def _lines(base_url: str, params: dict[str, str], follow: bool) -> Iterator[str]
     # A follow may sit quiet for hours: no read timeout then.
     timeout = httpx.Timeout(30.0, read=None if follow else 60.0)
     try:
-        with httpx.stream("GET", f"{base_url}/v1/events", params=params, timeout=timeout) as response:
+        with httpx.stream("GET", f"{base_url}/v1/events", params=params, timeout=timeout, headers=actor_headers()) as response:
             if response.status_code >= 400:
                 response.read()
                 raise click.ClickException(error_text(response))

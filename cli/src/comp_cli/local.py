@@ -28,6 +28,8 @@ import redis.asyncio as aioredis
 from comp_common.messages import LeaderChange
 from comp_common.observed import ObservedStore
 
+from .audit_cmd import actor_headers
+
 SERVICES = ("api", "scheduler", "discovery", "lb", "autoscaler", "audit")
 # Discovery and the lb give services their VIPs, DNS and rules; a cluster without them
 # (networking off) runs deployments only and leaves the host's nftables alone.
@@ -288,7 +290,7 @@ class LocalCluster:
         seen: set[str] = set()
         while time.monotonic() < deadline:
             try:
-                nodes = httpx.get(f"{self.config.api_url}/v1/nodes", timeout=2).json()
+                nodes = httpx.get(f"{self.config.api_url}/v1/nodes", timeout=2, headers=actor_headers()).json()
                 seen = {n["node_id"] for n in nodes if n["state"] == "ready"}
                 if want <= seen:
                     return
