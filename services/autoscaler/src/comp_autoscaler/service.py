@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from faststream.nats import NatsBroker
 
-from comp_common.aio import cancel_and_wait
 from comp_common import subjects
+from comp_common.aio import cancel_and_wait
 from comp_common.broker import raw_publisher
 from comp_common.kv import open_bucket, watch_bucket
 from comp_common.leader import ElectorThread, Identity

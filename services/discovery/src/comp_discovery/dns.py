@@ -43,7 +43,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-from comp_common.aio import within
+from comp_common.aio import cancel_and_wait, within
 from comp_common.manifest import DNS_LABEL
 from comp_common.messages import Endpoint, ServiceEndpoints
 
@@ -289,9 +289,7 @@ class DnsServer:
         if self._tcp is not None:
             self._tcp.close()
             # Python 3.11's Server.close leaves accepted connections open: end them here.
-            for connection in list(self._connections):
-                connection.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            await cancel_and_wait(self._connections)
             await self._tcp.wait_closed()
             self._tcp = None
 

@@ -17,8 +17,8 @@ from faststream.nats import NatsBroker
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
-from comp_common.aio import cancel_and_wait
 from comp_common import subjects
+from comp_common.aio import cancel_and_wait
 from comp_common.kv import is_deletion, open_bucket
 from comp_common.broker import raw_publisher
 from comp_common.messages import EndpointCounter, ServiceEndpoints, ServiceRate

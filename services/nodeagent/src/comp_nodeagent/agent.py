@@ -39,6 +39,7 @@ from pydantic import BaseModel
 import httpx
 
 from comp_common import subjects
+from comp_common.aio import cancel_and_wait
 from comp_common.manifest import HealthCheck, RestartPolicy
 from comp_common.metrics import timed
 from comp_common.messages import (
@@ -413,9 +414,7 @@ class Agent:
         # Nudges can still arrive until the broker closes, after this: they must act no more.
         self._stopping = True
         self.running = False
-        for loop_task in self._loops:
-            loop_task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_and_wait(self._loops)
         self._loops = []
         for handle in self._wakeups:
             handle.cancel()
@@ -423,7 +422,7 @@ class Agent:
         checks = [loop_task for health in self._health.values() for loop_task in health.loops]
         for health in self._health.values():
             health.cancel()
-        await asyncio.gather(*checks, return_exceptions=True)
+        await cancel_and_wait(checks)
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -433,9 +432,7 @@ class Agent:
         inflight = list(self._inflight.values())
         if inflight:
             _, unfinished = await asyncio.wait(inflight, timeout=SHUTDOWN_WAIT_SECONDS)
-            for action_task in unfinished:
-                action_task.cancel()
-            await asyncio.gather(*unfinished, return_exceptions=True)
+            await cancel_and_wait(unfinished)
         await self.driver.close()
         log.info("node agent stopped", extra={"node_id": self.node_id})
 
