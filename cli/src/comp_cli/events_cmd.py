@@ -10,8 +10,6 @@ from typing import Any
 import click
 import httpx
 
-from .audit_cmd import actor_headers
-
 # The most a one-line summary shows of a body COMP does not know.
 SUMMARY_LIMIT = 160
 
@@ -34,21 +32,20 @@ def register(cli: click.Group, client: Callable[[click.Context], Any]) -> None:
         for key, value in (("since", since), ("after", after), ("for", for_), ("namespace", namespace), ("limit", limit)):
             if value is not None:
                 params[key] = str(value)
-        base_url = client(ctx).base_url
         try:
-            for line in _lines(base_url, params, follow):
+            for line in _lines(client(ctx), params, follow):
                 click.echo(line if output == "json" else event_line(json.loads(line)))
         except KeyboardInterrupt:
             # Ctrl-C is how a follow ends; nothing went wrong.
             return
 
 
-def _lines(base_url: str, params: dict[str, str], follow: bool) -> Iterator[str]:
+def _lines(api: Any, params: dict[str, str], follow: bool) -> Iterator[str]:
     """The records' lines as the API sends them; an error line ends it with an exception."""
     # A follow may sit quiet for hours: no read timeout then.
     timeout = httpx.Timeout(30.0, read=None if follow else 60.0)
     try:
-        with httpx.stream("GET", f"{base_url}/v1/events", params=params, timeout=timeout, headers=actor_headers()) as response:
+        with api.stream("GET", "/v1/events", params=params, timeout=timeout) as response:
             if response.status_code >= 400:
                 response.read()
                 raise click.ClickException(error_text(response))
@@ -60,9 +57,9 @@ def _lines(base_url: str, params: dict[str, str], follow: bool) -> Iterator[str]
                 yield line
     except httpx.RemoteProtocolError as exc:
         # Connected, then cut off mid-listing: the api stopped or restarted.
-        raise click.ClickException(f"the COMP API at {base_url} ended the listing early: {exc}")
+        raise click.ClickException(f"the COMP API at {api.base_url} ended the listing early: {exc}")
     except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the COMP API at {base_url}: {exc} (is the cluster up? `comp up`)")
+        raise click.ClickException(f"cannot reach the COMP API at {api.base_url}: {exc} (is the cluster up? `comp up`)")
 
 
 def error_text(response: httpx.Response) -> str:

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,25 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            # Names who does it, for the audit record of the request.
-            headers = {**audit_cmd.actor_headers(), **kwargs.pop("headers", {})}
-            return httpx.request(method, f"{self.base_url}{path}", timeout=30, headers=headers, **kwargs)
+            return httpx.request(method, f"{self.base_url}{path}", timeout=30, headers=_with_actor(kwargs), **kwargs)
         except httpx.HTTPError as exc:
             raise click.ClickException(f"cannot reach the COMP API at {self.base_url}: {exc} (is the cluster up? `comp up`)")
+
+    def stream(self, method: str, path: str, **kwargs: Any) -> AbstractContextManager[httpx.Response]:
+        """A response read as it comes; httpx's errors are the caller's to word, since a
+        listing cut off midway means something else than an API never reached."""
+        return httpx.stream(method, f"{self.base_url}{path}", headers=_with_actor(kwargs), **kwargs)
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.request(method, path, **kwargs)
         if response.status_code >= 400:
             raise click.ClickException(describe_error(response))
         return response.json()
+
+
+def _with_actor(kwargs: dict[str, Any]) -> dict[str, str]:
+    """The request's headers, naming who does it for the audit record of the request."""
+    return {**audit_cmd.actor_headers(), **kwargs.pop("headers", {})}
 
 
 def describe_error(response: httpx.Response) -> str:
